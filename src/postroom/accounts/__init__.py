@@ -1,0 +1,1 @@
+"""Domains, users and aliases (SQLite), and password hashes (argon2id)."""

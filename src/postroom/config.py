@@ -1,0 +1,230 @@
+"""Typed configuration, read from one TOML file.
+
+Every key has a safe default, so ``postroom serve`` runs with no file at all. An unknown or invalid key
+is a :class:`~postroom.errors.ConfigError` that names the key and the file. The defaults follow
+Postfix's where a Postfix administrator would look for the same knob (``message_size_limit``,
+``smtpd_recipient_limit``, ``hopcount_limit``, ``mynetworks``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from postroom.errors import ConfigError
+
+#: Where the server keeps its data when no ``data_dir`` is configured.
+DEFAULT_DATA_DIR_ROOT = Path("/var/lib/postroom")
+DEFAULT_DATA_DIR_USER = Path("postroom-data")
+
+#: The port an ``mx`` listener takes when none is configured: 25 when we may bind it, else 2525.
+DEFAULT_MX_PORT_ROOT = 25
+DEFAULT_MX_PORT_USER = 2525
+
+
+def running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def default_hostname() -> str:
+    """The machine's own name, without a DNS query (``socket.getfqdn`` would make one)."""
+    name = socket.gethostname() or "localhost"
+    return name.lower().rstrip(".")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSection(_Section):
+    #: Name used in the banner, the EHLO reply, Received headers and Message-IDs.
+    hostname: str = ""
+    #: One directory holds everything: accounts database, queue, mailboxes.
+    data_dir: Path | None = None
+    #: When started as root: bind the ports, then run as this user. "" keeps root (not advised).
+    run_as: str = "postroom"
+    log_file: Path | None = None
+    log_json: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def resolved_hostname(self) -> str:
+        return self.hostname or default_hostname()
+
+    def resolved_data_dir(self) -> Path:
+        if self.data_dir is not None:
+            return self.data_dir
+        return DEFAULT_DATA_DIR_ROOT if running_as_root() else DEFAULT_DATA_DIR_USER
+
+
+class ListenerSection(_Section):
+    #: ``mx`` (port 25). ``submission`` and ``submissions`` arrive with SMTP AUTH.
+    role: Literal["mx"] = "mx"
+    #: "host:port"; an IPv6 host goes in brackets: "[::1]:25".
+    address: str
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        parse_hostport(value)
+        return value
+
+    def host_port(self) -> tuple[str, int]:
+        return parse_hostport(self.address)
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port)
+
+
+class SmtpSection(_Section):
+    banner: str = "ESMTP postroom"
+    #: Largest message in octets (Postfix message_size_limit: 10240000).
+    max_message_size: Annotated[int, Field(ge=1024)] = 10_240_000
+    #: Recipients per message (Postfix smtpd_recipient_limit: 1000); more get 452 4.5.3.
+    max_recipients: Annotated[int, Field(ge=1)] = 1000
+    #: Longest text line accepted in DATA, in octets with the CRLF. RFC 5321 says 1000, but real
+    #: mail has longer lines; past this bound the message is drained and refused with 500 5.5.2.
+    max_line_length: Annotated[int, Field(ge=1000)] = 65_536
+    #: More Received headers than this is a loop: 554 5.4.6 (Postfix hopcount_limit is 50).
+    max_received_headers: Annotated[int, Field(ge=1)] = 100
+    #: Refuse DATA with a bare LF line ending (554 5.6.0). Default: take it as a line end, as
+    #: Postfix 3.9's smtpd_forbid_bare_newline = normalize does.
+    reject_bare_lf: bool = False
+    #: Answer VRFY truthfully (250/550) instead of 252.
+    vrfy: bool = False
+    #: Errors in a session before it is dropped with 421 (Postfix smtpd_hard_error_limit).
+    max_errors: Annotated[int, Field(ge=1)] = 20
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    #: Postfix smtpd_client_connection_count_limit.
+    max_connections_per_ip: Annotated[int, Field(ge=1)] = 50
+    #: RFC 5321 4.5.3.2 server timeout while waiting for a command (5 minutes).
+    command_timeout: Annotated[float, Field(gt=0)] = 300.0
+    #: RFC 5321 4.5.3.2 data block timeout (3 minutes), between two reads of message data.
+    data_timeout: Annotated[float, Field(gt=0)] = 180.0
+    #: Seconds in-flight transactions get to finish after SIGTERM.
+    shutdown_grace: Annotated[float, Field(ge=0)] = 30.0
+
+
+class RelaySection(_Section):
+    #: Networks that may relay without authentication (Postfix mynetworks). Empty: nobody,
+    #: not even loopback.
+    trusted_networks: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+        return value
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.trusted_networks]
+
+
+class DeliverySection(_Section):
+    #: ``user+tag@domain`` delivers to ``user@domain``; "" turns subaddressing off.
+    recipient_delimiter: str = "+"
+    #: How deep aliases may point at aliases before the expansion is refused as a loop.
+    alias_max_depth: Annotated[int, Field(ge=1)] = 20
+    #: Default mailbox quota in octets for new users; 0 means unlimited.
+    default_quota: Annotated[int, Field(ge=0)] = 0
+    #: Where mail for <Postmaster> goes when no account or alias named postmaster exists in
+    #: the primary domain. "" means the built-in postmaster Maildir in the data directory.
+    postmaster: str = ""
+
+
+class QueueSection(_Section):
+    #: First retry after a temporary failure, then doubling up to max (Postfix
+    #: minimal_backoff_time / maximal_backoff_time / maximal_queue_lifetime).
+    min_backoff: Annotated[float, Field(gt=0)] = 300.0
+    max_backoff: Annotated[float, Field(gt=0)] = 4000.0
+    max_lifetime: Annotated[float, Field(gt=0)] = 5 * 86400.0
+    #: How often the queue runner looks for due messages.
+    scan_interval: Annotated[float, Field(gt=0)] = 60.0
+
+
+class PasswordSection(_Section):
+    """argon2id cost. The defaults are RFC 9106's second recommended option."""
+
+    time_cost: Annotated[int, Field(ge=1)] = 3
+    memory_cost_kib: Annotated[int, Field(ge=8)] = 65536
+    parallelism: Annotated[int, Field(ge=1)] = 4
+
+
+class Config(_Section):
+    server: ServerSection = Field(default_factory=ServerSection)
+    listener: list[ListenerSection] = Field(default_factory=list)
+    smtp: SmtpSection = Field(default_factory=SmtpSection)
+    relay: RelaySection = Field(default_factory=RelaySection)
+    delivery: DeliverySection = Field(default_factory=DeliverySection)
+    queue: QueueSection = Field(default_factory=QueueSection)
+    passwords: PasswordSection = Field(default_factory=PasswordSection)
+    #: The file this came from, for messages; None for embedded defaults.
+    source: Path | None = None
+
+    def listeners(self) -> list[ListenerSection]:
+        if self.listener:
+            return list(self.listener)
+        port = DEFAULT_MX_PORT_ROOT if running_as_root() else DEFAULT_MX_PORT_USER
+        return [ListenerSection(role="mx", address=f"0.0.0.0:{port}")]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.server.resolved_data_dir()
+
+    @property
+    def hostname(self) -> str:
+        return self.server.resolved_hostname()
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def from_dict(data: dict[str, Any], source: Path | None = None) -> Config:
+    where = str(source) if source else "<embedded>"
+    try:
+        config = Config.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = _key_path(err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"{where}: unknown key '{key}'")
+            else:
+                problems.append(f"{where}: invalid value for '{key}': {err['msg']}")
+        raise ConfigError("\n".join(problems)) from None
+    return config
+
+
+def load(path: Path | None) -> Config:
+    """Read *path*, or return the embedded defaults when it is None."""
+    if path is None:
+        return from_dict({})
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if "source" in data:
+        raise ConfigError(f"{path}: unknown key 'source'")
+    return from_dict(data, path)

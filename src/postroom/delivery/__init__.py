@@ -1,0 +1,1 @@
+"""Delivery agents: local Maildir now; remote SMTP with the relay issue."""

@@ -1,0 +1,112 @@
+"""Mail log lines in the familiar ``mail.log`` shape, or JSON.
+
+Every line about a message starts with its queue id, so ``grep ID`` tells the message's whole life::
+
+    4Q8X2B0C1DFG: client=mx.example[192.0.2.1]:41234
+    4Q8X2B0C1DFG: from=<john@example.com>, size=1234, nrcpt=1
+    4Q8X2B0C1DFG: to=<alice@example.net>, relay=local, delay=0.01, dsn=2.0.0, status=sent (delivered to maildir)
+
+Use :func:`event` for message events: the fields keep their order and their Postfix names. With
+``--json`` each line is one JSON object holding the same fields plus ``time``, ``level`` and
+``queue_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+LOGGER_NAME = "postroom"
+logger = logging.getLogger(LOGGER_NAME)
+
+#: Fields whose value is an address and is written in angle brackets, as Postfix does.
+_BRACKETED = frozenset({"from", "to", "orig_to"})
+
+
+def format_fields(fields: dict[str, Any]) -> str:
+    """``from=<a@b>, size=12, status=sent (delivered)``: Postfix's field layout."""
+    parts = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if key == "status_detail":
+            continue
+        if key in _BRACKETED:
+            parts.append(f"{key}=<{value}>")
+        elif key == "status" and fields.get("status_detail"):
+            parts.append(f"status={value} ({fields['status_detail']})")
+        elif isinstance(value, float):
+            parts.append(f"{key}={f'{value:.2f}'.rstrip('0').rstrip('.') or '0'}")
+        else:
+            parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def event(queue_id: str | None, level: int = logging.INFO, /, **fields: Any) -> None:
+    """Log one event. ``queue_id`` may be None for events that belong to no message."""
+    if not logger.isEnabledFor(level):
+        return
+    text = format_fields(fields)
+    if queue_id:
+        text = f"{queue_id}: {text}"
+    logger.log(level, text, extra={"pr_fields": fields, "pr_queue_id": queue_id})
+
+
+class _TextFormatter(logging.Formatter):
+    """``Nov 29 19:41:06 host postroom/smtpd[1234]: text`` — close to syslog's layout."""
+
+    def __init__(self, hostname: str) -> None:
+        super().__init__()
+        self.hostname = hostname
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(record.created))
+        component = getattr(record, "pr_component", "postroom")
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        line = f"{stamp} {self.hostname} {component}[{record.process}]: {text}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "pid": record.process,
+        }
+        queue_id = getattr(record, "pr_queue_id", None)
+        if queue_id:
+            data["queue_id"] = queue_id
+        fields = getattr(record, "pr_fields", None)
+        if fields:
+            data.update({k: v for k, v in fields.items() if v is not None})
+        else:
+            data["message"] = record.getMessage()
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+def setup(
+    *, hostname: str, level: str = "info", json_lines: bool = False, file: Path | None = None
+) -> None:
+    """Send postroom's log to stderr and, when given, to *file* (appended)."""
+    formatter: logging.Formatter = _JsonFormatter() if json_lines else _TextFormatter(hostname)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(level.upper())
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(formatter)
+    logger.addHandler(stream)
+    if file is not None:
+        handler = logging.FileHandler(file, encoding="utf-8")
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)

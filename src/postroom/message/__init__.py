@@ -1,0 +1,1 @@
+"""Message-level definitions shared by the SMTP core, the router and delivery."""

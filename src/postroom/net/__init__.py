@@ -1,0 +1,1 @@
+"""asyncio transports: listeners, sessions, limits and timeouts. Thin: the cores decide."""

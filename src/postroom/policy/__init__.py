@@ -1,0 +1,1 @@
+"""Decisions over data: which recipients are ours, who may relay."""

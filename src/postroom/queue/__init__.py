@@ -1,0 +1,1 @@
+"""Durable acceptance (the spool), the queue of messages still to deliver, and its runner."""

@@ -1,0 +1,147 @@
+"""The envelope of one message: sender, recipients with their routes and delivery states.
+
+One ``RCPT TO`` may expand (aliases) into several :class:`Recipient` entries that share the same
+``original`` address. The envelope is serialised as one JSON object so a queue file can hold it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from postroom.policy.routes import Destination, LocalDelivery, RemoteDelivery
+
+
+class RecipientState(str, Enum):
+    PENDING = "pending"  # not yet tried
+    DEFERRED = "deferred"  # tried, failed temporarily; ``next_attempt`` says when again
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"  # failed permanently
+    HELD = "held"  # an operator put it on hold
+
+    @property
+    def done(self) -> bool:
+        return self in (RecipientState.DELIVERED, RecipientState.BOUNCED)
+
+
+@dataclass(slots=True)
+class Recipient:
+    original: str  # the address as given in RCPT TO (orig_to in the log)
+    destination: Destination
+    orcpt: str | None = None  # RFC 3461 ORCPT, decoded "type;address"
+    notify: frozenset[str] | None = None  # RFC 3461 NOTIFY keywords; None when not given
+    state: RecipientState = RecipientState.PENDING
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str | None = None
+
+    @property
+    def address(self) -> str:
+        """The address delivery works on (after alias expansion)."""
+        dest = self.destination
+        return dest.mailbox if isinstance(dest, LocalDelivery) else dest.address
+
+    def to_dict(self) -> dict[str, Any]:
+        dest = self.destination
+        if isinstance(dest, LocalDelivery):
+            route: dict[str, Any] = {
+                "local": dest.mailbox,
+                "maildir": str(dest.maildir),
+                "quota": dest.quota,
+            }
+        else:
+            route = {"remote": dest.address}
+        return {
+            "original": self.original,
+            "route": route,
+            "orcpt": self.orcpt,
+            "notify": sorted(self.notify) if self.notify is not None else None,
+            "state": self.state.value,
+            "attempts": self.attempts,
+            "next_attempt": self.next_attempt,
+            "last_error": self.last_error,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipient:
+        route = data["route"]
+        destination: Destination
+        if "local" in route:
+            destination = LocalDelivery(route["local"], Path(route["maildir"]), route["quota"])
+        else:
+            destination = RemoteDelivery(route["remote"])
+        notify = data.get("notify")
+        return cls(
+            original=data["original"],
+            destination=destination,
+            orcpt=data.get("orcpt"),
+            notify=frozenset(notify) if notify is not None else None,
+            state=RecipientState(data.get("state", "pending")),
+            attempts=data.get("attempts", 0),
+            next_attempt=data.get("next_attempt", 0.0),
+            last_error=data.get("last_error"),
+        )
+
+
+@dataclass(slots=True)
+class Envelope:
+    queue_id: str
+    sender: str  # "" for the null reverse path <>
+    arrival: float  # time.time() when MAIL was accepted
+    client_address: str = ""
+    client_name: str = ""  # "unknown" when there is no reverse DNS
+    helo: str = ""
+    recipients: list[Recipient] = field(default_factory=list)
+    size: int = 0  # octets of the message as received (CRLF), without our headers
+    body_type: str | None = None  # "7BIT" / "8BITMIME" from MAIL BODY=
+    smtputf8: bool = False
+    ret: str | None = None  # RFC 3461 RET=FULL|HDRS
+    envid: str | None = None  # RFC 3461 ENVID, decoded
+    hold: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "queue_id": self.queue_id,
+                "sender": self.sender,
+                "arrival": self.arrival,
+                "client_address": self.client_address,
+                "client_name": self.client_name,
+                "helo": self.helo,
+                "recipients": [r.to_dict() for r in self.recipients],
+                "size": self.size,
+                "body_type": self.body_type,
+                "smtputf8": self.smtputf8,
+                "ret": self.ret,
+                "envid": self.envid,
+                "hold": self.hold,
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Envelope:
+        data = json.loads(text)
+        return cls(
+            queue_id=data["queue_id"],
+            sender=data["sender"],
+            arrival=data["arrival"],
+            client_address=data.get("client_address", ""),
+            client_name=data.get("client_name", ""),
+            helo=data.get("helo", ""),
+            recipients=[Recipient.from_dict(r) for r in data.get("recipients", [])],
+            size=data.get("size", 0),
+            body_type=data.get("body_type"),
+            smtputf8=data.get("smtputf8", False),
+            ret=data.get("ret"),
+            envid=data.get("envid"),
+            hold=data.get("hold", False),
+        )
+
+    @property
+    def done(self) -> bool:
+        return all(r.state.done for r in self.recipients)
