@@ -100,7 +100,9 @@ def setup(
 ) -> None:
     """Send postroom's log to stderr and, when given, to *file* (appended)."""
     formatter: logging.Formatter = _JsonFormatter() if json_lines else _TextFormatter(hostname)
-    logger.handlers.clear()
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+        old.close()
     logger.propagate = False
     logger.setLevel(level.upper())
     stream = logging.StreamHandler(sys.stderr)

@@ -1,0 +1,194 @@
+"""``postroom serve``: put the parts together and run them until SIGTERM.
+
+Order matters for safety: bind the listening sockets (ports below 1024 need root), make the data
+directory private to the mail user, drop privileges, and only then open the accounts database,
+start the group-commit writer and accept mail, so every file is created by the unprivileged user.
+
+Signals: SIGTERM/SIGINT shut down gracefully (transactions in flight finish, then ``421``); SIGHUP
+reloads the configuration file (limits, relay networks, delivery settings, log level; the
+listeners themselves need a restart and a warning says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from postroom import config as config_mod
+from postroom import log
+from postroom.accounts.store import AccountStore
+from postroom.config import Config
+from postroom.delivery.maildir import MaildirUsage
+from postroom.errors import ConfigError
+from postroom.net.server import SmtpServer, bind_listener
+from postroom.policy.router import Router
+from postroom.queue.committer import Committer
+from postroom.queue.runner import QueueRunner
+from postroom.queue.spool import Spool
+from postroom.receive import Receiver, ReceiveSettings
+
+DEFAULT_USER = "postroom"
+
+
+def receive_settings(config: Config) -> ReceiveSettings:
+    return ReceiveSettings(
+        hostname=config.hostname,
+        max_message_size=config.smtp.max_message_size,
+        max_received_headers=config.smtp.max_received_headers,
+        vrfy=config.smtp.vrfy,
+    )
+
+
+# -- privileges -------------------------------------------------------------------------------
+def _ensure_user(name: str, home: Path) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    if name != DEFAULT_USER or shutil.which("useradd") is None:
+        raise ConfigError(f"server.run_as: no such user {name!r}")
+    nologin = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
+    subprocess.run(
+        ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", str(home),
+         "--shell", nologin, name],
+        check=True,
+    )
+    log.logger.warning("created system user %r to run the mail server as", name)
+    return pwd.getpwnam(name)
+
+
+def make_private(data_dir: Path, uid: int, gid: int) -> None:
+    """Create *data_dir* (0700) and give everything in it to uid:gid (what changed only)."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    for root, dirs, files in os.walk(data_dir):
+        for name in [".", *dirs, *files]:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if st.st_uid != uid or st.st_gid != gid:
+                os.lchown(path, uid, gid)
+
+
+def drop_privileges(config: Config) -> None:
+    """As root: make the data directory the mail user's, then become that user."""
+    data_dir = config.data_dir.resolve()
+    if os.geteuid() != 0:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return
+    user = config.server.run_as
+    if not user or user == "root":
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log.logger.warning("running as root (server.run_as is %r)", user)
+        return
+    entry = _ensure_user(user, data_dir)
+    make_private(data_dir, entry.pw_uid, entry.pw_gid)
+    os.setgroups([])  # no supplementary groups: the mail user needs none
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    os.umask(0o077)
+    log.logger.info("running as %s (uid %d)", user, entry.pw_uid)
+
+
+def become_data_owner(config: Config) -> None:
+    """For CLI tools run as root: act as the owner of an existing data directory, so files
+    they create (the accounts database and its WAL) stay writable by the server."""
+    if os.geteuid() != 0:
+        return
+    data_dir = config.data_dir
+    try:
+        st = data_dir.stat()
+    except FileNotFoundError:
+        return
+    if st.st_uid == 0:
+        return
+    os.setgroups([])
+    os.setgid(st.st_gid)
+    os.setuid(st.st_uid)
+    os.umask(0o077)
+
+
+# -- running ----------------------------------------------------------------------------------
+class Daemon:
+    def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        config = self.config
+        data_dir = config.data_dir
+        accounts = AccountStore.for_config(config)
+        usage = MaildirUsage()
+        router = Router(accounts, config.delivery, usage.usage, data_dir)
+        committer = Committer()
+        committer.start()
+        spool = Spool(data_dir, committer, usage, config.hostname)
+        runner = QueueRunner(spool, committer, config)
+        receiver = Receiver(receive_settings(config), router, spool)
+        server = SmtpServer(config, receiver)
+        self._reload_targets = (server, receiver, router, runner)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            runner.start()
+            await server.start(self.sockets)
+            log.logger.info("postroom ready: %s, data in %s", config.hostname, data_dir)
+            await self.stopping.wait()
+            log.logger.info("shutting down")
+            await server.shutdown()
+        finally:
+            await runner.stop()
+            committer.stop()
+            accounts.close()
+            log.logger.info("stopped")
+
+    def reload(self) -> None:
+        old = self.config
+        if old.source is None:
+            log.logger.info("reload: no configuration file, nothing to reload")
+            return
+        try:
+            new = config_mod.load(old.source)
+        except ConfigError as exc:
+            log.logger.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        if new.listeners() != old.listeners() or new.server.data_dir != old.server.data_dir:
+            log.logger.warning("reload: listener or data_dir changes need a restart")
+        server, receiver, router, runner = self._reload_targets
+        server.reconfigure(new)
+        receiver.settings = receive_settings(new)
+        router.delivery = new.delivery
+        runner.config = new
+        log.logger.setLevel(new.server.log_level.upper())
+        self.config = new
+        log.logger.info("reloaded %s", new.source)
+
+
+def _event_loop_runner() -> Callable[[asyncio.Future[None] | object], None]:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run  # type: ignore[return-value]
+    return uvloop.run  # type: ignore[no-any-return]
+
+
+def serve(config: Config) -> None:
+    log.setup(
+        hostname=config.hostname,
+        level=config.server.log_level,
+        json_lines=config.server.log_json,
+        file=config.server.log_file,
+    )
+    sockets = [bind_listener(listener) for listener in config.listeners()]
+    drop_privileges(config)
+    daemon = Daemon(config, sockets)
+    _event_loop_runner()(daemon.run())

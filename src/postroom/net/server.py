@@ -1,0 +1,147 @@
+"""The SMTP listeners: accept connections, enforce connection limits, sweep timeouts, shut down.
+
+Limits: at most ``smtp.max_connections`` sessions in all and ``smtp.max_connections_per_ip`` from
+one address; a connection over either gets ``421 4.7.0`` instead of a banner. Timeouts (RFC 5321
+4.5.3.2) are checked once a second by one sweeper for every session. Shutdown (SIGTERM) stops
+accepting, tells idle sessions ``421 4.3.2``, lets transactions in flight finish for
+``smtp.shutdown_grace`` seconds, then closes what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from postroom import log
+from postroom.config import Config, ListenerSection
+from postroom.net.session import SmtpSession
+from postroom.receive import Receiver
+from postroom.smtp.codes import Reply
+from postroom.smtp.server import ServerSettings
+
+_SWEEP_INTERVAL = 1.0
+
+
+def smtp_settings(config: Config) -> ServerSettings:
+    smtp = config.smtp
+    return ServerSettings(
+        hostname=config.hostname,
+        banner=smtp.banner,
+        max_message_size=smtp.max_message_size,
+        max_recipients=smtp.max_recipients,
+        max_line_length=smtp.max_line_length,
+        reject_bare_lf=smtp.reject_bare_lf,
+        max_errors=smtp.max_errors,
+    )
+
+
+def bind_listener(listener: ListenerSection) -> socket.socket:
+    """Bind (as root, before privileges are dropped) and return a listening socket."""
+    host, port = listener.host_port()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class SmtpServer:
+    """Every SMTP listener of one process and the sessions they accepted."""
+
+    def __init__(self, config: Config, receiver: Receiver) -> None:
+        self.receiver = receiver
+        self.sessions: set[SmtpSession] = set()
+        self.per_ip: Counter[str] = Counter()
+        self.shutting_down = False
+        self._servers: list[asyncio.base_events.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a (re)loaded config to new sessions; live sessions keep what they have."""
+        self.config = config
+        self.hostname = config.hostname
+        self.smtp_settings = smtp_settings(config)
+        self._networks = config.relay.networks()
+
+    async def start(self, sockets: Sequence[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            server = await loop.create_server(lambda: SmtpSession(self), sock=sock)
+            self._servers.append(server)
+            name = sock.getsockname()
+            log.logger.info("listening for SMTP on %s:%d", name[0], name[1])
+        self._sweeper = loop.create_task(self._sweep())
+
+    # -- limits -------------------------------------------------------------------------------
+    def admit(self, session: SmtpSession) -> Reply | None:
+        """Register *session*; return a refusal when a connection limit is reached."""
+        smtp = self.config.smtp
+        address = session.client.address
+        self.sessions.add(session)
+        self.per_ip[address] += 1
+        if self.shutting_down:
+            return Reply(421, "4.3.2", f"{self.hostname} Service shutting down")
+        if len(self.sessions) > smtp.max_connections:
+            return Reply(421, "4.7.0", f"{self.hostname} Error: too many connections")
+        if self.per_ip[address] > smtp.max_connections_per_ip:
+            return Reply(421, "4.7.0",
+                         f"{self.hostname} Error: too many connections from {address}")
+        return None
+
+    def release(self, session: SmtpSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            address = session.client.address
+            self.per_ip[address] -= 1
+            if self.per_ip[address] <= 0:
+                del self.per_ip[address]
+
+    def may_relay(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self._networks)
+
+    # -- timeouts -----------------------------------------------------------------------------
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            now = time.monotonic()
+            smtp = self.config.smtp
+            for session in list(self.sessions):
+                session.check_timeout(now, smtp.command_timeout, smtp.data_timeout)
+
+    # -- shutdown -----------------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """Stop accepting; let transactions finish (bounded); 421 to everyone else."""
+        self.shutting_down = True
+        for server in self._servers:
+            server.close()
+        for session in list(self.sessions):
+            session.shutdown()
+        deadline = time.monotonic() + self.config.smtp.shutdown_grace
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            for session in list(self.sessions):
+                session.shutdown()
+        for session in list(self.sessions):
+            session.shutdown(force=True)
+        await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for server in self._servers:
+            await server.wait_closed()

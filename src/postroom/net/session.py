@@ -1,0 +1,234 @@
+"""One inbound SMTP connection: an ``asyncio.Protocol`` that feeds the sans-I/O core.
+
+Bytes from the socket go to :class:`~postroom.smtp.server.ServerConnection`; its events go to the
+:class:`~postroom.receive.Receiver`, whose replies go back to the core; the core's output goes to
+the socket. Nothing here parses SMTP. Only end-of-data waits (for the spool's fsync); while it
+does, the core holds further pipelined input, and reading pauses when that grows past a bound.
+
+Timeouts are not timers per connection: the server's sweeper compares ``last_activity`` with the
+RFC 5321 4.5.3.2 limits once a second, which costs nothing per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from postroom import log
+from postroom.receive import Client, Transaction
+from postroom.smtp import codes
+from postroom.smtp.codes import Reply
+from postroom.smtp.events import (
+    DataAborted,
+    DataChunk,
+    DataStart,
+    EndOfData,
+    Hello,
+    MailFrom,
+    ProtocolViolation,
+    Quit,
+    RcptTo,
+    Request,
+    Reset,
+    Vrfy,
+)
+from postroom.smtp.server import ServerConnection
+
+if TYPE_CHECKING:
+    from postroom.net.server import SmtpServer
+
+#: Pause reading when this much input waits unparsed behind a pending reply.
+_PAUSE_ABOVE = 256 * 1024
+
+
+class SmtpSession(asyncio.Protocol):
+    __slots__ = (
+        "_pending",
+        "_paused",
+        "client",
+        "conn",
+        "last_activity",
+        "server",
+        "transport",
+        "txn",
+    )
+
+    def __init__(self, server: SmtpServer) -> None:
+        self.server = server
+        self.conn = ServerConnection(server.smtp_settings)
+        self.transport: asyncio.Transport | None = None
+        self.client = Client(address="", port=0)
+        self.txn: Transaction | None = None
+        self._pending: asyncio.Task[None] | None = None
+        self._paused = False
+        self.last_activity = time.monotonic()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        address = str(peer[0])
+        if address.startswith("::ffff:"):
+            address = address[7:]
+        self.client.address = address
+        self.client.port = int(peer[1])
+        refusal = self.server.admit(self)
+        if refusal is not None:
+            log.logger.warning("reject: connect from %s: %s", self.client.describe(), refusal.text)
+            self.conn.reject_connection(refusal)
+        else:
+            self.client.may_relay = self.server.may_relay(address)
+            log.logger.info("connect from %s", self.client.describe())
+            self.conn.start()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        self.conn.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_eof()
+        self._pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.release(self)
+        if self.txn is not None and self._pending is None:
+            self.txn.discard()
+            self.txn = None
+        log.logger.info("disconnect from %s", self.client.describe())
+
+    # -- the event pump -----------------------------------------------------------------------
+    def _pump(self) -> None:
+        conn = self.conn
+        while self._pending is None:
+            event = conn.next_event()
+            if event is None:
+                break
+            if isinstance(event, Request):
+                reply = self._decide(event)
+                if reply is None:  # answered later (end of data)
+                    break
+                conn.respond(reply)
+            else:
+                self._observe(event)
+        self._flush()
+        if self.transport is not None and not self.transport.is_closing():
+            if conn.buffered > _PAUSE_ABOVE and not self._paused:
+                self._paused = True
+                self.transport.pause_reading()
+            elif self._paused and conn.buffered <= _PAUSE_ABOVE:
+                self._paused = False
+                self.transport.resume_reading()
+
+    def _decide(self, event: Request) -> Reply | None:
+        receiver = self.server.receiver
+        client = self.client
+        if isinstance(event, RcptTo):
+            if self.txn is None:
+                return codes.BAD_SEQUENCE
+            return receiver.rcpt(client, self.txn, event)
+        if isinstance(event, MailFrom):
+            reply, self.txn = receiver.mail(client, event)
+            return reply
+        if isinstance(event, EndOfData):
+            if self.txn is None:
+                return codes.BAD_SEQUENCE
+            txn = self.txn
+            self.txn = None
+            self._pending = asyncio.get_running_loop().create_task(self._finish(txn, event))
+            return None
+        if isinstance(event, Hello):
+            client.helo = event.name
+            client.esmtp = event.verb == "EHLO"
+            self._drop_transaction()
+            return Reply(250, None, f"{self.server.hostname}")
+        if isinstance(event, Vrfy):
+            return receiver.vrfy(client, event)
+        return codes.NOT_IMPLEMENTED
+
+    def _observe(self, event: object) -> None:
+        if isinstance(event, DataChunk):
+            if self.txn is not None and self.txn.message is not None:
+                self.txn.message.write(event.data)
+        elif isinstance(event, DataStart):
+            if self.txn is not None:
+                self.server.receiver.start_data(self.txn)
+        elif isinstance(event, DataAborted):
+            if self.txn is not None:
+                log.logger.info(
+                    "%s: reject: DATA from %s: %d %s %s", self.txn.envelope.queue_id,
+                    self.client.describe(), event.reply.code, event.reply.enhanced,
+                    event.reply.text,
+                )
+            self._drop_transaction()
+        elif isinstance(event, Reset):
+            self._drop_transaction()
+        elif isinstance(event, ProtocolViolation):
+            log.logger.warning("%s from %s", event.reply.text, self.client.describe())
+        elif isinstance(event, Quit):
+            pass
+
+    async def _finish(self, txn: Transaction, event: EndOfData) -> None:
+        try:
+            reply = await self.server.receiver.end_of_data(self.client, txn, event)
+        except Exception:  # a bug must cost one 451, never the connection's other work
+            log.logger.exception("%s: error at end of data", txn.envelope.queue_id)
+            txn.discard()
+            reply = codes.LOCAL_ERROR
+        self._pending = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.conn.respond(reply)
+        if self.server.shutting_down and not self.conn.in_transaction:
+            self.conn.shutdown()
+        self._pump()
+
+    def _drop_transaction(self) -> None:
+        if self.txn is not None:
+            self.txn.discard()
+            self.txn = None
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        transport = self.transport
+        if transport is None:
+            return
+        if out:
+            transport.write(out)
+        if self.conn.closed and not transport.is_closing():
+            transport.close()
+
+    # -- called by the server -----------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """In a transaction or waiting for the spool: let it finish on shutdown."""
+        return self._pending is not None or self.conn.in_transaction
+
+    def check_timeout(self, now: float, command_timeout: float, data_timeout: float) -> None:
+        if self._pending is not None or self.conn.closed:
+            return
+        limit = data_timeout if self.conn.in_data else command_timeout
+        if now - self.last_activity > limit:
+            log.logger.info("timeout after %s from %s", self.conn.state.name,
+                            self.client.describe())
+            self._drop_transaction()
+            self.conn.timeout()
+            self._flush()
+
+    def shutdown(self, force: bool = False) -> None:
+        if self.conn.closed or (self.busy and not force):
+            return
+        if self._pending is not None:
+            return  # the spool is writing: the reply still comes, then the close
+        self._drop_transaction()
+        self.conn.shutdown()
+        self._flush()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+

@@ -1,0 +1,224 @@
+"""Receiving: the policy answers to the SMTP core's requests, and the hand-off to the spool.
+
+The SMTP core (``postroom.smtp``) knows the grammar and the states; this module knows what the
+answers mean for this server: which recipients are ours (the router), who may relay, how big a
+message may be, when a message is a loop, and that 250 comes only after the spool has made the
+message durable. It does no socket I/O; ``net.session`` feeds it events and writes its replies.
+
+Log lines follow Postfix's smtpd/cleanup: ``ID: client=``, ``ID: message-id=``,
+``ID: from=<>, size=, nrcpt=``, and ``NOQUEUE: reject: RCPT from ...`` for refusals.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from postroom import log
+from postroom.errors import StorageError
+from postroom.ids import new_queue_id
+from postroom.message.address import parse_path
+from postroom.message.headers import (
+    TraceInfo,
+    count_received,
+    message_id,
+    protocol_name,
+    received_header,
+)
+from postroom.policy.router import Router
+from postroom.policy.routes import Destination, LocalDelivery, Rejected
+from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.spool import IncomingMessage, Spool
+from postroom.smtp import codes
+from postroom.smtp.codes import Reply
+from postroom.smtp.events import EndOfData, MailFrom, RcptTo, Vrfy
+
+
+@dataclass(slots=True)
+class Client:
+    """What we know about the peer of one SMTP session."""
+
+    address: str
+    port: int
+    name: str = "unknown"  # reverse DNS; "unknown" until a resolver is wired in
+    helo: str = ""
+    esmtp: bool = False
+    may_relay: bool = False
+    tls: str | None = None
+    auth_user: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.name}[{self.address}]"
+
+
+@dataclass(slots=True)
+class Transaction:
+    """One MAIL..end-of-data transaction: the envelope under construction and its content."""
+
+    envelope: Envelope
+    mail: MailFrom
+    message: IncomingMessage | None = None
+    destinations: set[Destination] = field(default_factory=set)
+
+    def discard(self) -> None:
+        if self.message is not None:
+            self.message.discard()
+            self.message = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveSettings:
+    hostname: str
+    max_message_size: int
+    max_received_headers: int
+    vrfy: bool
+
+
+def _reply(rejected: Rejected) -> Reply:
+    return Reply(rejected.code, rejected.enhanced, rejected.text)
+
+
+class Receiver:
+    """Policy and spool hand-off shared by every session of one server."""
+
+    def __init__(self, settings: ReceiveSettings, router: Router, spool: Spool) -> None:
+        self.settings = settings
+        self.router = router
+        self.spool = spool
+
+    # -- MAIL ---------------------------------------------------------------------------------
+    def mail(self, client: Client, event: MailFrom) -> tuple[Reply, Transaction | None]:
+        queue_id = new_queue_id()
+        envelope = Envelope(
+            queue_id=queue_id,
+            sender=str(event.address),
+            arrival=time.time(),
+            client_address=client.address,
+            client_name=client.name,
+            helo=client.helo,
+            body_type=event.body,
+            smtputf8=event.smtputf8,
+            ret=event.ret,
+            envid=event.envid,
+        )
+        log.event(queue_id, client=f"{client.describe()}:{client.port}")
+        return codes.OK_MAIL, Transaction(envelope=envelope, mail=event)
+
+    # -- RCPT ---------------------------------------------------------------------------------
+    def rcpt(self, client: Client, txn: Transaction, event: RcptTo) -> Reply:
+        address = event.address
+        outcome = self.router.resolve(address, may_relay=client.may_relay)
+        if not isinstance(outcome, Rejected) and txn.mail.size:
+            for dest in outcome:
+                too_big = self.router.check_size(dest, txn.mail.size)
+                if too_big is not None:
+                    outcome = too_big
+                    break
+        if isinstance(outcome, Rejected):
+            self._log_reject(client, txn, "RCPT", outcome, str(address))
+            return _reply(outcome)
+        original = str(address)
+        for dest in outcome:
+            if dest in txn.destinations:
+                continue  # two RCPTs (or aliases) reaching one mailbox: deliver once
+            txn.destinations.add(dest)
+            txn.envelope.recipients.append(
+                Recipient(original=original, destination=dest, orcpt=event.orcpt,
+                          notify=event.notify)
+            )
+        return codes.OK_RCPT
+
+    def vrfy(self, client: Client, event: Vrfy) -> Reply:
+        if not self.settings.vrfy:
+            return codes.CANNOT_VRFY
+        try:
+            address = parse_path(f"<{event.argument.strip('<>')}>", utf8=True)
+        except ValueError:
+            return codes.CANNOT_VRFY
+        outcome = self.router.resolve(address, may_relay=False)
+        if isinstance(outcome, Rejected):
+            return _reply(outcome)
+        return Reply(250, "2.1.5", f"<{address}>")
+
+    # -- DATA ---------------------------------------------------------------------------------
+    def start_data(self, txn: Transaction) -> None:
+        txn.discard()
+        txn.message = self.spool.open_message()
+
+    async def end_of_data(self, client: Client, txn: Transaction, event: EndOfData) -> Reply:
+        message = txn.message
+        envelope = txn.envelope
+        if message is None:  # the core never lets this happen; refuse rather than lose
+            return codes.LOCAL_ERROR
+        headers = message.header_section()
+        hops = count_received(headers)
+        if hops > self.settings.max_received_headers:
+            txn.discard()
+            loop = Rejected(554, "5.4.6", f"Too many hops ({hops} Received headers): mail loop?")
+            self._log_reject(client, txn, "END-OF-MESSAGE", loop, "")
+            return _reply(loop)
+        envelope.size = event.size
+        refused = self._check_quota_at_end(envelope, event.size)
+        if refused is not None:
+            txn.discard()
+            return refused
+        msgid = message_id(headers)
+        if msgid:
+            log.event(envelope.queue_id, **{"message-id": msgid})
+        recipients = envelope.recipients
+        trace = TraceInfo(
+            helo=client.helo,
+            client_address=client.address,
+            client_name=client.name,
+            hostname=self.settings.hostname,
+            protocol=protocol_name(esmtp=client.esmtp, tls=client.tls is not None,
+                                   auth=client.auth_user is not None, utf8=envelope.smtputf8),
+            queue_id=envelope.queue_id,
+            recipient=recipients[0].original if len({r.original for r in recipients}) == 1
+            else None,
+            timestamp=time.time(),
+            tls=client.tls,
+        )
+        log.event(envelope.queue_id, **{"from": envelope.sender}, size=event.size,
+                  nrcpt=len(recipients))
+        try:
+            await self.spool.accept(envelope, message, received_header(trace))
+        except StorageError as exc:
+            log.event(envelope.queue_id, logging.WARNING,
+                      status="not accepted", status_detail=str(exc))
+            return codes.INSUFFICIENT_STORAGE if exc.disk_full else codes.LOCAL_ERROR
+        finally:
+            txn.message = None
+        return codes.ok_queued(envelope.queue_id)
+
+    def _check_quota_at_end(self, envelope: Envelope, size: int) -> Reply | None:
+        """Refuse at end of data only when *every* local recipient is over quota.
+
+        With several recipients one full mailbox must not refuse the others' copies; that
+        recipient stays queued and deferred instead (the spool decides).
+        """
+        recipients = envelope.recipients
+        if not recipients or not all(isinstance(r.destination, LocalDelivery)
+                                     for r in recipients):
+            return None
+        refusals = [self.router.check_size(r.destination, size) for r in recipients]
+        if all(refusals):
+            first = refusals[0]
+            assert first is not None
+            return _reply(first)
+        return None
+
+    # -- logging ------------------------------------------------------------------------------
+    def _log_reject(
+        self, client: Client, txn: Transaction | None, stage: str, rejected: Rejected,
+        recipient: str,
+    ) -> None:
+        queue_id = txn.envelope.queue_id if txn else "NOQUEUE"
+        sender = txn.envelope.sender if txn else ""
+        log.logger.info(
+            "%s: reject: %s from %s: %d %s %s; from=<%s> to=<%s> proto=%s helo=<%s>",
+            queue_id, stage, client.describe(), rejected.code, rejected.enhanced,
+            rejected.text, sender, recipient, "ESMTP" if client.esmtp else "SMTP", client.helo,
+        )
+

@@ -1,0 +1,172 @@
+"""Fixtures shared by the integration tests: a real ``postroom serve`` on a loopback port.
+
+The server runs as a subprocess with its own data directory and configuration, exactly as an
+operator would run it; tests talk to it over real sockets and read its Maildirs and log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+POSTROOM = [sys.executable, "-m", "postroom"]
+
+#: argon2 cost for tests: the lowest the library takes, so adding users is instant.
+FAST_PASSWORDS = """
+[passwords]
+time_cost = 1
+memory_cost_kib = 8
+parallelism = 1
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+@dataclass
+class ServerHandle:
+    root: Path
+    port: int
+    extra_config: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    hostname: str = "mx.test.example"
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "postroom.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "mail.log"
+
+    def write_config(self) -> None:
+        self.config_path.write_text(
+            f"""
+[server]
+hostname = "{self.hostname}"
+data_dir = "{self.data_dir}"
+run_as = ""
+log_file = "{self.log_path}"
+
+[[listener]]
+address = "127.0.0.1:{self.port}"
+{FAST_PASSWORDS}
+{self.extra_config}
+"""
+        )
+
+    def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        result = subprocess.run(
+            [*POSTROOM, "-c", str(self.config_path), *args],
+            input=stdin, capture_output=True, text=True, env={**os.environ, **self.env},
+            timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"postroom {' '.join(args)} failed: {result.stderr}")
+        return result.stdout
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [*POSTROOM, "-c", str(self.config_path), "serve"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
+        )
+        wait_port(self.port, self.proc)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.proc = None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
+    def maildir(self, address: str) -> Path:
+        local, _, domain = address.partition("@")
+        return self.data_dir / "mail" / domain / local
+
+    def messages(self, address: str) -> list[bytes]:
+        new = self.maildir(address) / "new"
+        return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def wait_for(self, predicate: object, timeout: float = 10.0) -> None:
+        assert callable(predicate)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError("condition not reached in time")
+
+
+def make_server(tmp_path: Path, extra_config: str = "") -> ServerHandle:
+    handle = ServerHandle(root=tmp_path, port=free_port(), extra_config=extra_config)
+    handle.write_config()
+    handle.cli("domain", "add", "example.com")
+    handle.cli("user", "add", "alice@example.com", "--password-stdin", stdin="alice-secret\n")
+    handle.cli("user", "add", "bob@example.com", "--password-stdin", stdin="bob-secret\n")
+    return handle
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerHandle]:
+    """A running server: domain example.com, users alice and bob, no trusted networks."""
+    handle = make_server(tmp_path)
+    handle.start()
+    try:
+        yield handle
+    finally:
+        if handle.proc is not None:
+            handle.stop()
+
+
+@pytest.fixture
+def relay_server(tmp_path: Path) -> Iterator[ServerHandle]:
+    """Like ``server`` but 127.0.0.0/8 may relay."""
+    handle = make_server(tmp_path, '[relay]\ntrusted_networks = ["127.0.0.0/8"]\n')
+    handle.start()
+    try:
+        yield handle
+    finally:
+        if handle.proc is not None:
+            handle.stop()

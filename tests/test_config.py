@@ -1,0 +1,58 @@
+"""Configuration: defaults, and errors that name the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from postroom import config
+from postroom.errors import ConfigError
+
+
+def test_embedded_defaults_are_safe() -> None:
+    cfg = config.load(None)
+    assert cfg.relay.trusted_networks == []  # not even loopback may relay
+    assert cfg.smtp.max_message_size == 10_240_000
+    assert cfg.smtp.max_recipients == 1000
+    assert cfg.smtp.max_received_headers == 100
+    assert not cfg.smtp.reject_bare_lf
+    [listener] = cfg.listeners()
+    assert listener.role == "mx"
+    assert listener.host_port()[1] in (25, 2525)
+    assert cfg.hostname and "." not in cfg.hostname[-1:]
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text("[smtp]\nmax_mesage_size = 5\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: unknown key 'smtp.max_mesage_size'"
+
+
+def test_invalid_value_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[relay]\ntrusted_networks = ["10.0.0.0/33"]\n[[listener]]\naddress = "x"\n')
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    text = str(info.value)
+    assert f"{path}: invalid value for 'relay.trusted_networks'" in text
+    assert f"{path}: invalid value for 'listener[0].address'" in text
+
+
+def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text("[smtp\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(path)
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load(tmp_path / "absent.toml")
+
+
+def test_listener_addresses() -> None:
+    assert config.parse_hostport("[::1]:25") == ("::1", 25)
+    assert config.parse_hostport("127.0.0.1:2525") == ("127.0.0.1", 2525)
+    assert config.parse_hostport(":587") == ("0.0.0.0", 587)
+    with pytest.raises(ValueError):
+        config.parse_hostport("localhost")
