@@ -1,0 +1,376 @@
+"""The queue runner: delivery of queued local mail, backoff, expiry, remote deferral, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from postroom.config import Config, from_dict
+from postroom.delivery.maildir import MaildirUsage
+from postroom.policy.routes import LocalDelivery, RemoteDelivery
+from postroom.queue.committer import Committer, Disk
+from postroom.queue.envelope import Envelope, Recipient, RecipientState
+from postroom.queue.runner import (
+    ATTEMPT_UNDER_WAY,
+    DSN_PENDING,
+    RELAY_NOT_IMPLEMENTED,
+    QueueRunner,
+    backoff_delay,
+)
+from postroom.queue.spool import Spool, read_envelope
+
+CONTENT = b"From: a@example.org\r\nSubject: queued\r\n\r\nHello\r\n"
+PREPEND = b"Received: from client by mx.example.com; today\r\n"
+NOW = 1_732_900_000.0
+QID = "4Q8X2B0C1DFG"
+QUEUE = {"min_backoff": 10.0, "max_backoff": 40.0, "max_lifetime": 1000.0, "scan_interval": 3600.0}
+
+
+class RecordingDisk(Disk):
+    def __init__(self) -> None:
+        self.renames: list[str] = []
+
+    def rename(self, src: str, dst: str) -> None:
+        super().rename(src, dst)
+        self.renames.append(dst)
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def committer() -> Iterator[Committer]:
+    c = Committer()
+    c.start()
+    yield c
+    c.stop()
+
+
+def config(**queue: float) -> Config:
+    return from_dict({"queue": {**QUEUE, **queue}})
+
+
+def mailbox_for(tmp_path: Path, user: str) -> LocalDelivery:
+    return LocalDelivery(f"{user}@example.com", tmp_path / "mail" / user / "Maildir")
+
+
+def blocked_mailbox(tmp_path: Path, user: str) -> LocalDelivery:
+    """A Maildir that cannot be created: a regular file sits where its parent should be."""
+    (tmp_path / "mail").mkdir(exist_ok=True)
+    (tmp_path / "mail" / user).write_bytes(b"in the way")
+    return mailbox_for(tmp_path, user)
+
+
+def queue_message(
+    spool: Spool, committer: Committer, *recipients: Recipient, sender: str = "a@example.org"
+) -> Path:
+    """Put a message with exactly *recipients* (all pending, due) into active/."""
+    forced = [
+        Recipient(r.original, LocalDelivery(r.destination.mailbox, r.destination.maildir, 1))
+        if isinstance(r.destination, LocalDelivery)
+        else Recipient(r.original, r.destination)
+        for r in recipients
+    ]
+    env = Envelope(QID, sender, NOW, recipients=forced)
+
+    async def accept() -> Path | None:
+        message = spool.open_message()
+        message.write(CONTENT)
+        return (await spool.accept(env, message, PREPEND)).queue_file
+
+    path = asyncio.run(accept())
+    assert path is not None
+    env.recipients = list(recipients)
+    committer.run_now(lambda ds: spool.update_envelope(path, env, ds))
+    return path
+
+
+def make(
+    tmp_path: Path, committer: Committer, clock: Clock, disk: Disk | None = None, **queue: float
+) -> tuple[Spool, QueueRunner]:
+    spool = Spool(
+        tmp_path / "data",
+        committer,
+        MaildirUsage(),
+        "mx.example.com",
+        disk=disk or Disk(),
+        clock=clock,
+    )
+    runner = QueueRunner(spool, committer, config(**queue), clock=clock, rng=random.Random(7))
+    return spool, runner
+
+
+def new_files(delivery: LocalDelivery) -> list[Path]:
+    return sorted((delivery.maildir / "new").iterdir())
+
+
+def test_delivers_due_local_mail(
+    tmp_path: Path, committer: Committer, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = RecordingDisk()
+    clock = Clock(NOW + 10)
+    spool, runner = make(tmp_path, committer, clock, disk)
+    alice = mailbox_for(tmp_path, "alice")
+    path = queue_message(
+        spool,
+        committer,
+        Recipient("alias@example.com", alice),
+        Recipient("alice@example.com", alice),
+    )
+    disk.renames.clear()
+    with caplog.at_level(logging.INFO, logger="postroom"):
+        asyncio.run(runner.run_once())
+    [copy] = new_files(alice)  # two recipients, one Maildir: one copy
+    assert copy.read_bytes() == (
+        b"Return-Path: <a@example.org>\r\nDelivered-To: alice@example.com\r\n" + PREPEND + CONTENT
+    ).replace(b"\r\n", b"\n")
+    assert not path.exists()
+    # The attempt was recorded (queue file rewritten) before the Maildir copy was made.
+    assert [Path(p).parent for p in disk.renames] == [spool.active, alice.maildir / "new"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"{QID}: to=<alice@example.com>, orig_to=<alias@example.com>, relay=local, delay=10, "
+        "dsn=2.0.0, status=sent (delivered to maildir)",
+        f"{QID}: to=<alice@example.com>, relay=local, delay=10, dsn=2.0.0, "
+        "status=sent (delivered to maildir)",
+        f"{QID}: removed",
+    ]
+
+
+def test_defers_with_doubling_backoff(
+    tmp_path: Path, committer: Committer, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock(NOW + 1)
+    spool, runner = make(tmp_path, committer, clock)
+    path = queue_message(
+        spool, committer, Recipient("bob@example.com", blocked_mailbox(tmp_path, "bob"))
+    )
+    seen: list[float] = []
+    for attempt in range(1, 5):
+        with caplog.at_level(logging.INFO, logger="postroom"):
+            asyncio.run(runner.run_once())
+        [rcpt] = read_envelope(path).recipients
+        assert rcpt.state is RecipientState.DEFERRED and rcpt.attempts == attempt
+        assert rcpt.last_error and "creating Maildir" in rcpt.last_error
+        seen.append(rcpt.next_attempt - clock.now)
+        # not due yet: a scan now changes nothing
+        asyncio.run(runner.run_once())
+        assert read_envelope(path).recipients[0].attempts == attempt
+        clock.now = rcpt.next_attempt
+    assert 9.0 <= seen[0] <= 11.0 and 18.0 <= seen[1] <= 22.0
+    assert 36.0 <= seen[2] <= 40.0 and 36.0 <= seen[3] <= 40.0  # capped at max_backoff
+    assert "relay=local, delay=1, dsn=4.3.0, status=deferred (creating Maildir" in caplog.text
+
+
+def test_expiry_bounces_and_keeps_a_dsn_note(
+    tmp_path: Path, committer: Committer, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock(NOW + 1000)
+    spool, runner = make(tmp_path, committer, clock)
+    path = queue_message(
+        spool, committer, Recipient("bob@example.com", blocked_mailbox(tmp_path, "bob"))
+    )
+    with caplog.at_level(logging.INFO, logger="postroom"):
+        asyncio.run(runner.run_once())
+    [rcpt] = read_envelope(path).recipients
+    assert rcpt.state is RecipientState.BOUNCED
+    assert rcpt.last_error and rcpt.last_error.startswith(
+        DSN_PENDING + "message expired after 0.0115741 days in queue: creating Maildir"
+    )
+    assert "dsn=5.4.7, status=bounced (message expired after" in caplog.text
+    assert f"{QID}: sender_notification=pending, nrcpt=1" in caplog.text
+    assert "removed" not in caplog.text
+    before = path.read_bytes()
+    clock.now += 10_000
+    asyncio.run(runner.run_once())  # nothing due: the file waits for the bounce issue
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("sender", "notify"),
+    [("", None), ("a@example.org", frozenset({"NEVER"})), ("a@example.org", frozenset({"DELAY"}))],
+)
+def test_expiry_without_notification_removes(
+    tmp_path: Path,
+    committer: Committer,
+    caplog: pytest.LogCaptureFixture,
+    sender: str,
+    notify: frozenset[str] | None,
+) -> None:
+    clock = Clock(NOW + 2000)
+    spool, runner = make(tmp_path, committer, clock)
+    rcpt = Recipient("bob@example.com", blocked_mailbox(tmp_path, "bob"), notify=notify)
+    path = queue_message(spool, committer, rcpt, sender=sender)
+    with caplog.at_level(logging.INFO, logger="postroom"):
+        asyncio.run(runner.run_once())
+    assert not path.exists()
+    assert "status=bounced" in caplog.text and f"{QID}: removed" in caplog.text
+    assert "sender_notification" not in caplog.text
+
+
+def test_last_try_falls_at_expiry(tmp_path: Path, committer: Committer) -> None:
+    clock = Clock(NOW + 990)
+    spool, runner = make(tmp_path, committer, clock)
+    path = queue_message(
+        spool, committer, Recipient("bob@example.com", blocked_mailbox(tmp_path, "bob"))
+    )
+    asyncio.run(runner.run_once())
+    [rcpt] = read_envelope(path).recipients
+    assert rcpt.state is RecipientState.DEFERRED
+    assert rcpt.next_attempt == NOW + 1000  # not NOW + 990 + ~10..40
+
+
+def test_remote_is_deferred_without_spinning(
+    tmp_path: Path, committer: Committer, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock(NOW + 3)
+    spool, runner = make(tmp_path, committer, clock)
+    path = queue_message(
+        spool, committer, Recipient("carol@example.net", RemoteDelivery("carol@example.net"))
+    )
+    with caplog.at_level(logging.INFO, logger="postroom"):
+        asyncio.run(runner.run_once())
+    [rcpt] = read_envelope(path).recipients
+    assert rcpt.state is RecipientState.DEFERRED and rcpt.attempts == 0
+    assert rcpt.last_error == RELAY_NOT_IMPLEMENTED
+    assert rcpt.next_attempt == NOW + 3 + 40.0
+    assert (
+        f"{QID}: to=<carol@example.net>, relay=none, delay=3, dsn=4.3.0, "
+        "status=deferred (relay not implemented yet)"
+    ) in caplog.text
+    before = path.read_bytes()
+    clock.now += 39
+    asyncio.run(runner.run_once())
+    assert path.read_bytes() == before
+
+
+def test_mixed_message_keeps_only_what_is_left(tmp_path: Path, committer: Committer) -> None:
+    clock = Clock(NOW + 1)
+    spool, runner = make(tmp_path, committer, clock)
+    alice = mailbox_for(tmp_path, "alice")
+    path = queue_message(
+        spool,
+        committer,
+        Recipient("alice@example.com", alice),
+        Recipient("carol@example.net", RemoteDelivery("carol@example.net")),
+    )
+    asyncio.run(runner.run_once())
+    assert len(new_files(alice)) == 1
+    states = [r.state for r in read_envelope(path).recipients]
+    assert states == [RecipientState.DELIVERED, RecipientState.DEFERRED]
+    assert path.read_bytes().partition(b"\n")[2] == PREPEND + CONTENT
+    clock.now += 100
+    asyncio.run(runner.run_once())
+    assert len(new_files(alice)) == 1  # never delivered twice
+
+
+def test_held_message_is_left_alone(tmp_path: Path, committer: Committer) -> None:
+    clock = Clock(NOW + 1)
+    spool, runner = make(tmp_path, committer, clock)
+    alice = mailbox_for(tmp_path, "alice")
+    path = queue_message(spool, committer, Recipient("alice@example.com", alice))
+    env = read_envelope(path)
+    env.hold = True
+    committer.run_now(lambda ds: spool.update_envelope(path, env, ds))
+    asyncio.run(runner.run_once())
+    assert path.exists() and not alice.maildir.exists()
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from pathlib import Path
+    from postroom.config import from_dict
+    from postroom.delivery.maildir import MaildirUsage
+    from postroom.queue.committer import Committer, Disk
+    from postroom.queue.runner import QueueRunner
+    from postroom.queue.spool import Spool
+
+    class CrashInMaildir(Disk):
+        def create(self, path):
+            if "/Maildir/tmp/" in path:
+                os._exit(0)  # the power goes out while the message is being written
+            return super().create(path)
+
+    committer = Committer()
+    committer.start()
+    spool = Spool(Path(sys.argv[1]), committer, MaildirUsage(), "mx", disk=CrashInMaildir())
+    config = from_dict({"queue": {"min_backoff": 10.0, "max_backoff": 40.0}})
+    runner = QueueRunner(spool, committer, config, clock=lambda: float(sys.argv[2]))
+    asyncio.run(runner.run_once())
+    sys.exit(3)  # not reached
+    """
+)
+
+
+def test_crash_during_attempt_keeps_the_count(tmp_path: Path, committer: Committer) -> None:
+    clock = Clock(NOW + 5)
+    spool, _ = make(tmp_path, committer, clock)
+    alice = mailbox_for(tmp_path, "alice")
+    path = queue_message(spool, committer, Recipient("alice@example.com", alice))
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, str(tmp_path / "data"), str(NOW + 5)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    [rcpt] = read_envelope(path).recipients
+    assert rcpt.attempts == 1 and rcpt.state is RecipientState.DEFERRED
+    assert rcpt.last_error == ATTEMPT_UNDER_WAY
+    assert NOW + 5 + 9 <= rcpt.next_attempt <= NOW + 5 + 11  # no retry in a tight loop
+    assert not (alice.maildir / "new").exists() or new_files(alice) == []
+
+
+def test_start_wake_stop(tmp_path: Path, committer: Committer) -> None:
+    spool, runner = make(tmp_path, committer, Clock(0.0))
+    runner = QueueRunner(spool, committer, config(), clock=time.time)
+    alice = mailbox_for(tmp_path, "alice")
+
+    async def main() -> None:
+        runner.start()
+        await asyncio.sleep(0.05)  # the first scan finds an empty queue
+        path = await asyncio.to_thread(
+            queue_message, spool, committer, Recipient("alice@example.com", alice)
+        )
+        runner.wake()
+        for _ in range(500):
+            if not path.exists():
+                break
+            await asyncio.sleep(0.01)
+        await runner.stop()
+        assert not path.exists()
+
+    asyncio.run(main())
+    assert len(new_files(alice)) == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    attempts=st.integers(min_value=1, max_value=60),
+    low=st.floats(min_value=1, max_value=1000),
+    factor=st.floats(min_value=1, max_value=100),
+    seed=st.integers(0, 2**32),
+)
+def test_backoff_delay_bounds(attempts: int, low: float, factor: float, seed: int) -> None:
+    high = low * factor
+    delay = backoff_delay(attempts, low, high, random.Random(seed))
+    assert low <= delay <= high
+    ideal = min(low * 2.0 ** (attempts - 1), high)
+    assert ideal * 0.9 - 1e-9 <= delay <= ideal * 1.1 + 1e-9
