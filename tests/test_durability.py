@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
 import shutil
 import smtplib
 import subprocess
@@ -63,7 +64,13 @@ def test_fsync_of_file_and_directory_precede_the_250(tmp_path: Path) -> None:
         with smtplib.SMTP("127.0.0.1", handle.port, local_hostname="c.test", timeout=30) as c:
             c.sendmail("a@remote.example", ["alice@example.com"], b"Subject: t\r\n\r\nfsync me\r\n")
     finally:
-        handle.stop()
+        # Stop the traced server itself; strace exits when its tracee does.
+        tracer = handle.proc
+        children = Path(f"/proc/{tracer.pid}/task/{tracer.pid}/children").read_text().split()
+        for child in children:
+            os.kill(int(child), signal.SIGTERM)
+        tracer.wait(30)
+        handle.proc = None
     calls = completed_calls(trace_file.read_text())
     reply_at = next(i for i, (name, args) in enumerate(calls)
                     if name in ("write", "writev", "sendto", "sendmsg") and "250 2.0.0 Ok: queued" in args)

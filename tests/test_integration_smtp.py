@@ -8,6 +8,7 @@ import smtplib
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -20,12 +21,23 @@ def smtp(handle: ServerHandle) -> smtplib.SMTP:
     return smtplib.SMTP("127.0.0.1", handle.port, local_hostname="client.test", timeout=10)
 
 
+_OPEN: list[Raw] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_clients() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 class Raw:
     """A plain socket client for byte-exact conversations."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.buf = b""
+        _OPEN.append(self)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -258,11 +270,17 @@ def test_size_limit_and_quota(tmp_path: Path) -> None:
             assert client.rcpt("tiny@example.com")[0] == 250
             code, text = client.data(b"Subject: q\r\n\r\n" + b"z" * 4000 + b"\r\n")
             assert (code, text[:5]) == (552, b"5.2.2")
-            # A small one fits; then the box is full and RCPT is refused at once.
+            # A small one fits; a second would not: refused at end of data, or at RCPT when
+            # the client declared its SIZE.
             client.mail("a@remote.example")
             client.rcpt("tiny@example.com")
-            assert client.data(b"Subject: q\r\n\r\n" + b"z" * 2900 + b"\r\n")[0] == 250
+            assert client.data(b"Subject: q\r\n\r\n" + b"z" * 2500 + b"\r\n")[0] == 250
+            assert len(handle.messages("tiny@example.com")) == 1
             client.mail("a@remote.example")
+            client.rcpt("tiny@example.com")
+            code, text = client.data(b"Subject: q\r\n\r\n" + b"z" * 2500 + b"\r\n")
+            assert (code, text[:5]) == (552, b"5.2.2")
+            client.mail("a@remote.example", ["SIZE=2500"])
             code, text = client.rcpt("tiny@example.com")
             assert (code, text[:5]) == (552, b"5.2.2")
     finally:

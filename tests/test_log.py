@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from postroom import log
@@ -25,7 +26,7 @@ def test_lines_to_file_text_and_json(tmp_path: Path) -> None:
     for handler in log.logger.handlers:
         handler.flush()
     text, js = path.read_text().splitlines()
-    assert text.endswith("postroom[%d]: ABC: to=<x@y>, status=sent" % __import__("os").getpid())
+    assert text.endswith(f"postroom[{os.getpid()}]: ABC: to=<x@y>, status=sent")
     data = json.loads(js)
     assert data["queue_id"] == "ABC" and data["size"] == 5 and data["level"] == "info"
     for handler in list(log.logger.handlers):

@@ -18,8 +18,9 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from postroom import config as config_mod
 from postroom import log
@@ -96,24 +97,6 @@ def drop_privileges(config: Config) -> None:
     log.logger.info("running as %s (uid %d)", user, entry.pw_uid)
 
 
-def become_data_owner(config: Config) -> None:
-    """For CLI tools run as root: act as the owner of an existing data directory, so files
-    they create (the accounts database and its WAL) stay writable by the server."""
-    if os.geteuid() != 0:
-        return
-    data_dir = config.data_dir
-    try:
-        st = data_dir.stat()
-    except FileNotFoundError:
-        return
-    if st.st_uid == 0:
-        return
-    os.setgroups([])
-    os.setgid(st.st_gid)
-    os.setuid(st.st_uid)
-    os.umask(0o077)
-
-
 # -- running ----------------------------------------------------------------------------------
 class Daemon:
     def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
@@ -129,7 +112,8 @@ class Daemon:
         router = Router(accounts, config.delivery, usage.usage, data_dir)
         committer = Committer()
         committer.start()
-        spool = Spool(data_dir, committer, usage, config.hostname)
+        spool = Spool(data_dir, committer, usage, config.hostname,
+                      first_retry=config.queue.min_backoff)
         runner = QueueRunner(spool, committer, config)
         receiver = Receiver(receive_settings(config), router, spool)
         server = SmtpServer(config, receiver)
@@ -147,7 +131,7 @@ class Daemon:
             await server.shutdown()
         finally:
             await runner.stop()
-            committer.stop()
+            await asyncio.to_thread(committer.stop)
             accounts.close()
             log.logger.info("stopped")
 
@@ -173,12 +157,14 @@ class Daemon:
         log.logger.info("reloaded %s", new.source)
 
 
-def _event_loop_runner() -> Callable[[asyncio.Future[None] | object], None]:
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run *main* on uvloop when it is installed, else on asyncio's own loop."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run  # type: ignore[return-value]
-    return uvloop.run  # type: ignore[no-any-return]
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def serve(config: Config) -> None:
@@ -191,4 +177,4 @@ def serve(config: Config) -> None:
     sockets = [bind_listener(listener) for listener in config.listeners()]
     drop_privileges(config)
     daemon = Daemon(config, sockets)
-    _event_loop_runner()(daemon.run())
+    _run(daemon.run())

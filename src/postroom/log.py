@@ -4,7 +4,8 @@ Every line about a message starts with its queue id, so ``grep ID`` tells the me
 
     4Q8X2B0C1DFG: client=mx.example[192.0.2.1]:41234
     4Q8X2B0C1DFG: from=<john@example.com>, size=1234, nrcpt=1
-    4Q8X2B0C1DFG: to=<alice@example.net>, relay=local, delay=0.01, dsn=2.0.0, status=sent (delivered to maildir)
+    4Q8X2B0C1DFG: to=<alice@example.net>, relay=local, delay=0.01, dsn=2.0.0,
+        status=sent (delivered to maildir)
 
 Use :func:`event` for message events: the fields keep their order and their Postfix names. With
 ``--json`` each line is one JSON object holding the same fields plus ``time``, ``level`` and

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from postroom import log
+from postroom.delivery.maildir import delivery_headers
 from postroom.errors import StorageError
 from postroom.ids import new_queue_id
 from postroom.message.address import parse_path
@@ -159,13 +160,6 @@ class Receiver:
             self._log_reject(client, txn, "END-OF-MESSAGE", loop, "")
             return _reply(loop)
         envelope.size = event.size
-        refused = self._check_quota_at_end(envelope, event.size)
-        if refused is not None:
-            txn.discard()
-            return refused
-        msgid = message_id(headers)
-        if msgid:
-            log.event(envelope.queue_id, **{"message-id": msgid})
         recipients = envelope.recipients
         trace = TraceInfo(
             helo=client.helo,
@@ -180,10 +174,18 @@ class Receiver:
             timestamp=time.time(),
             tls=client.tls,
         )
+        received = received_header(trace)
+        refused = self._check_quota_at_end(envelope, event.size + len(received))
+        if refused is not None:
+            txn.discard()
+            return refused
+        msgid = message_id(headers)
+        if msgid:
+            log.event(envelope.queue_id, **{"message-id": msgid})
         log.event(envelope.queue_id, **{"from": envelope.sender}, size=event.size,
                   nrcpt=len(recipients))
         try:
-            await self.spool.accept(envelope, message, received_header(trace))
+            await self.spool.accept(envelope, message, received)
         except StorageError as exc:
             log.event(envelope.queue_id, logging.WARNING,
                       status="not accepted", status_detail=str(exc))
@@ -193,21 +195,23 @@ class Receiver:
         return codes.ok_queued(envelope.queue_id)
 
     def _check_quota_at_end(self, envelope: Envelope, size: int) -> Reply | None:
-        """Refuse at end of data only when *every* local recipient is over quota.
+        """Refuse at end of data only when *every* recipient is a local mailbox too full for
+        the message as it will be stored (with Return-Path and Delivered-To added).
 
         With several recipients one full mailbox must not refuse the others' copies; that
         recipient stays queued and deferred instead (the spool decides).
         """
-        recipients = envelope.recipients
-        if not recipients or not all(isinstance(r.destination, LocalDelivery)
-                                     for r in recipients):
-            return None
-        refusals = [self.router.check_size(r.destination, size) for r in recipients]
-        if all(refusals):
-            first = refusals[0]
-            assert first is not None
-            return _reply(first)
-        return None
+        refusals: list[Rejected] = []
+        for recipient in envelope.recipients:
+            dest = recipient.destination
+            if not isinstance(dest, LocalDelivery):
+                return None
+            stored = size + len(delivery_headers(envelope.sender, dest.mailbox))
+            refused = self.router.check_size(dest, stored)
+            if refused is None:
+                return None
+            refusals.append(refused)
+        return _reply(refusals[0]) if refusals else None
 
     # -- logging ------------------------------------------------------------------------------
     def _log_reject(

@@ -44,8 +44,8 @@ _PAUSE_ABOVE = 256 * 1024
 
 class SmtpSession(asyncio.Protocol):
     __slots__ = (
-        "_pending",
         "_paused",
+        "_pending",
         "client",
         "conn",
         "last_activity",
@@ -66,8 +66,7 @@ class SmtpSession(asyncio.Protocol):
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         peer = transport.get_extra_info("peername") or ("", 0)
         address = str(peer[0])
         if address.startswith("::ffff:"):

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from postroom.policy.routes import Destination, LocalDelivery, RemoteDelivery
 
 
-class RecipientState(str, Enum):
+class RecipientState(StrEnum):
     PENDING = "pending"  # not yet tried
     DEFERRED = "deferred"  # tried, failed temporarily; ``next_attempt`` says when again
     DELIVERED = "delivered"

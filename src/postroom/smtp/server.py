@@ -1,0 +1,573 @@
+"""The sans-I/O SMTP server: bytes in, events out; replies in, bytes out (RFC 5321, ESMTP).
+
+Commands: HELO, EHLO, MAIL, RCPT, DATA, BDAT (RFC 3030), RSET, NOOP, VRFY, HELP, QUIT. EHLO
+offers SIZE (RFC 1870), PIPELINING (RFC 2920), 8BITMIME (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034),
+SMTPUTF8 (RFC 6531), CHUNKING (RFC 3030) and DSN (RFC 3461), plus ``extensions``. STARTTLS, AUTH,
+EXPN, ETRN and the like get 502 5.5.1 until a transport offers them; CONNECT, GET, POST, PUT and
+HEAD (a web client or proxy pointed at us) end the session with 221 2.7.0, as Postfix does.
+
+How a transport drives it::
+
+    conn = ServerConnection(settings); conn.start()
+    on bytes:  conn.receive_data(data)
+    loop:      event = conn.next_event()            # None: need more input, or a reply
+               if isinstance(event, Request): conn.respond(policy(event))
+    always:    send conn.data_to_send(); close when conn.closed
+
+A :class:`~postroom.smtp.events.Request` is answered by exactly one :meth:`respond`; until then
+no further input is parsed, which keeps replies to pipelined commands in order (RFC 2920 3.1).
+The core applies what a 2xx answer implies (MAIL opens the transaction, RCPT counts a recipient).
+For HELO/EHLO a 2xx answer is replaced by the core's own greeting: ``250 <hostname>`` for HELO,
+and for EHLO the multi-line list of extensions. The transaction ends with the answer to
+:class:`EndOfData`, whatever its code.
+
+The core answers by itself: NOOP, RSET, HELP, QUIT, DATA's 354, BDAT chunks that are not LAST,
+every syntax, sequence and limit error. Every 4xx/5xx sent (the transport's included) counts as
+an error; at ``max_errors`` the core adds 421 4.7.0 and closes (0 disables this). Accepting a
+message clears the count, as Postfix's "errors without delivering mail" does.
+
+Command lines are read up to :data:`COMMAND_LINE` octets, or :data:`COMMAND_LINE_WITH_PARAMS` for
+MAIL and RCPT; longer ones are drained to their LF, never buffered, and refused with 500 5.5.2.
+A command line may end with a bare LF.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from postroom.errors import PostroomError
+from postroom.smtp import codes
+from postroom.smtp.codes import Reply, with_host
+from postroom.smtp.data import ChunkDecoder, DataDecoder
+from postroom.smtp.events import (
+    DataAborted,
+    DataChunk,
+    DataStart,
+    EndOfData,
+    Event,
+    Hello,
+    MailFrom,
+    ProtocolViolation,
+    Quit,
+    RcptTo,
+    Request,
+    Reset,
+    Vrfy,
+)
+from postroom.smtp.params import ParamError, mail_from, rcpt_to
+from postroom.smtp.states import (
+    COMMAND_STATES,
+    TRANSACTION_STATES,
+    Input,
+    State,
+    allowed,
+    next_state,
+    sequence_error,
+)
+
+#: RFC 5321 4.5.3.1.4: a command line, verb and CRLF included, may be 512 octets.
+COMMAND_LINE: Final = 512
+#: MAIL and RCPT lines grow with their parameters (RFC 5321 4.5.3.1.4 allows it): RCPT gets up to
+#: 535 for " NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=" and a 500-character value (RFC 3461 4.1, 4.2);
+#: MAIL up to 26 for SIZE (RFC 1870 3), 120 for RET and a 100-character ENVID (RFC 3461 4.3,
+#: 4.4), 14 for BODY=8BITMIME and 9 for SMTPUTF8; a 256-character UTF-8 path may take 768 octets
+#: more (RFC 6531 3.3). 512 + 535 + 768 = 1,815 at most: 2048 covers it, and is all we buffer.
+COMMAND_LINE_WITH_PARAMS: Final = 2048
+#: RFC 1870 3: SIZE's value has at most 20 digits; BDAT's chunk size is read the same way.
+_SIZE_DIGITS: Final = 20
+
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters other than TAB
+#: Verbs we know but do not offer: 502 5.5.1 (RFC 5321 4.2.4). STARTTLS and AUTH move to the
+#: command table when a transport offers them.
+_NOT_IMPLEMENTED: Final = frozenset(
+    {b"STARTTLS", b"AUTH", b"EXPN", b"ETRN", b"TURN", b"ATRN", b"SEND", b"SOML", b"SAML",
+     b"XCLIENT", b"XFORWARD", b"BURL"}
+)
+#: A browser or proxy speaking HTTP at us: goodbye (Postfix's smtpd_forbidden_commands).
+_FORBIDDEN: Final = frozenset({b"CONNECT", b"GET", b"POST", b"PUT", b"HEAD"})
+_FORBIDDEN_REPLY: Final = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
+
+
+class LocalProtocolError(PostroomError):
+    """The transport misused the core (a bug on our side), e.g. respond() with nothing pending."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    hostname: str
+    banner: str = "ESMTP postroom"
+    max_message_size: int = 10_240_000  # octets; 0 for no limit (advertised as SIZE 0)
+    max_recipients: int = 1000  # accepted RCPTs per transaction; RFC 5321 4.5.3.1.8 wants >= 100
+    max_line_length: int = 65536  # text octets per content line, CRLF not counted; >= 998
+    reject_bare_lf: bool = False  # refuse content with bare LF instead of storing it as CRLF
+    max_errors: int = 20  # 4xx/5xx replies before 421 4.7.0 and close; 0 for no limit
+
+
+class ServerConnection:
+    """One SMTP server session, without I/O. See the module docstring for the protocol."""
+
+    __slots__ = (
+        "_bdat_last",
+        "_bdat_left",
+        "_bdat_size",
+        "_decoder",
+        "_errors",
+        "_esmtp",
+        "_events",
+        "_in",
+        "_long_line",
+        "_out",
+        "_pending",
+        "_rcpts",
+        "_settings",
+        "_skip",
+        "_smtputf8",
+        "_state",
+        "extensions",
+    )
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self._settings = settings
+        self._state = State.WAIT_HELO
+        self._in = bytearray()  # received, not yet consumed
+        self._out = bytearray()  # replies not yet taken by data_to_send()
+        self._events: list[Event] = []  # a few at a time: a list is smaller than a deque
+        self._pending: Request | None = None  # the Request waiting for respond()
+        self._errors = 0
+        self._esmtp = False  # the greeting was EHLO
+        self._smtputf8 = False  # MAIL of this transaction carried SMTPUTF8
+        self._rcpts = 0  # recipients accepted in this transaction
+        self._decoder: DataDecoder | ChunkDecoder | None = None
+        self._bdat_size = 0  # octets in the current BDAT chunk
+        self._bdat_left = 0  # octets of the current BDAT chunk still to read
+        self._bdat_last = False  # the current BDAT chunk is the LAST
+        self._skip = 0  # octets of a refused BDAT chunk still to throw away
+        self._long_line = False  # throwing away an overlong command line up to its LF
+        #: Extra EHLO keywords for this session; the transport may add e.g. "STARTTLS".
+        self.extensions: list[str] = []
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def closed(self) -> bool:
+        """The transport closes the connection once it has sent :meth:`data_to_send`."""
+        return self._state is State.CLOSED
+
+    @property
+    def in_transaction(self) -> bool:
+        """MAIL was accepted and its message is not finished (answered or refused)."""
+        return self._state in TRANSACTION_STATES
+
+    @property
+    def in_data(self) -> bool:
+        """Reading message content (DATA or BDAT octets): the data timeout applies."""
+        if self._skip:
+            return True
+        return self._pending is None and self._state in (State.IN_DATA, State.IN_BDAT)
+
+    @property
+    def buffered(self) -> int:
+        """Octets received and not consumed yet (bounded unless a Request is pending)."""
+        tail = self._decoder.buffered if isinstance(self._decoder, DataDecoder) else 0
+        return len(self._in) + tail
+
+    # -- the transport's verbs ----------------------------------------------------------------
+    def start(self) -> None:
+        """Queue the greeting banner (RFC 5321 4.2: 220 <domain>, no enhanced code)."""
+        settings = self._settings
+        self._out += Reply(220, None, f"{settings.hostname} {settings.banner}").to_bytes()
+
+    def reject_connection(self, reply: Reply) -> None:
+        """Queue ``reply`` (421 or 554, RFC 5321 3.1) instead of the banner, and close."""
+        self._out += reply.to_bytes()
+        self._close()
+
+    def receive_data(self, data: bytes) -> None:
+        if self._state is not State.CLOSED:
+            self._in += data
+
+    def receive_eof(self) -> None:
+        """The peer closed: the session ends without a reply."""
+        self._close()
+
+    def next_event(self) -> Event | None:
+        """The next event, or None when more input (or an answer to a Request) is needed."""
+        if not self._events and self._pending is None and self._state is not State.CLOSED:
+            self._process()
+        return self._events.pop(0) if self._events else None
+
+    def respond(self, reply: Reply) -> None:
+        """Answer the pending Request; a 2xx answer moves the state machine."""
+        request = self._pending
+        if request is None:
+            if self._state is State.CLOSED:
+                return  # the session ended while the transport was deciding
+            raise LocalProtocolError("respond() without a pending request")
+        self._pending = None
+        accepted = 200 <= reply.code < 300
+        if isinstance(request, Hello):
+            if accepted:
+                self._esmtp = request.verb == "EHLO"
+                self._state = next_state(self._state, Input.HELLO)
+                reply = self._greeting(request.verb)
+        elif isinstance(request, MailFrom):
+            if accepted:
+                self._state = next_state(self._state, Input.MAIL)
+                self._smtputf8 = request.smtputf8
+                self._rcpts = 0
+        elif isinstance(request, RcptTo):
+            if accepted:
+                self._state = next_state(self._state, Input.RCPT)
+                self._rcpts += 1
+        elif isinstance(request, EndOfData):
+            self._end_transaction()
+            if accepted:
+                self._errors = 0
+        self._reply(reply)
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def timeout(self) -> None:
+        """The peer was silent too long (RFC 5321 4.5.3.2): 421 4.4.2 and close."""
+        if self._state is not State.CLOSED:
+            self._out += with_host(codes.TIMEOUT, self._settings.hostname).to_bytes()
+            self._close()
+
+    def shutdown(self, reply: Reply | None = None) -> None:
+        """The server stops (RFC 5321 3.8): 421 4.3.2, or ``reply``, and close."""
+        if self._state is not State.CLOSED:
+            if reply is None:
+                reply = with_host(codes.SHUTDOWN, self._settings.hostname)
+            self._out += reply.to_bytes()
+            self._close()
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _close(self) -> None:
+        self._state = State.CLOSED
+        self._in.clear()
+        self._decoder = None
+        self._skip = 0
+        if self._pending is not None:
+            try:
+                self._events.remove(self._pending)
+            except ValueError:
+                pass
+            self._pending = None
+
+    def _request(self, request: Request) -> None:
+        self._pending = request
+        self._events.append(request)
+
+    def _reply(self, reply: Reply) -> None:
+        self._out += reply.to_bytes()
+        if reply.code >= 400 and reply.code != 421:
+            self._errors += 1
+            limit = self._settings.max_errors
+            if 0 < limit <= self._errors and self._state is not State.CLOSED:
+                bye = with_host(codes.TOO_MANY_ERRORS, self._settings.hostname)
+                self._out += bye.to_bytes()
+                self._events.append(ProtocolViolation(bye))
+                self._close()
+
+    def _greeting(self, verb: str) -> Reply:
+        settings = self._settings
+        if verb == "HELO":
+            return Reply(250, None, settings.hostname)
+        size = max(settings.max_message_size, 0)
+        return Reply(250, None, (
+            settings.hostname, f"SIZE {size}", "PIPELINING", "8BITMIME",
+            "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "DSN", *self.extensions,
+        ))
+
+    def _reset_transaction(self, always: bool = False) -> None:
+        """RSET, or HELO/EHLO (RFC 5321 4.1.1.1, 4.1.1.5): drop the transaction, if any.
+
+        RSET always reports :class:`Reset`; HELO/EHLO only when a transaction was open.
+        """
+        if always or self._state in TRANSACTION_STATES:
+            self._events.append(Reset())
+        self._state = next_state(self._state, Input.RSET)
+        self._decoder = None
+        self._smtputf8 = False
+        self._rcpts = 0
+
+    def _end_transaction(self) -> None:
+        self._state = next_state(self._state, Input.END)
+        self._decoder = None
+        self._smtputf8 = False
+        self._rcpts = 0
+
+    # -- input --------------------------------------------------------------------------------
+    def _process(self) -> None:
+        """Consume input until a Request waits, input runs out, or the session closes."""
+        buf = self._in
+        while buf and self._pending is None:
+            state = self._state
+            if self._skip:
+                count = min(self._skip, len(buf))
+                del buf[:count]
+                self._skip -= count
+            elif state is State.IN_DATA:
+                self._read_data()
+            elif state is State.IN_BDAT:
+                self._read_chunk()
+            elif state in COMMAND_STATES:
+                if not self._read_command():
+                    break
+            else:  # CLOSED
+                break
+
+    def _read_command(self) -> bool:
+        """Handle one command line; False when no whole line is buffered."""
+        buf = self._in
+        newline = buf.find(b"\n")
+        if self._long_line:  # throwing away an overlong line
+            if newline < 0:
+                buf.clear()
+                return False
+            del buf[: newline + 1]
+            self._long_line = False
+            self._refuse_long_line()
+            return True
+        if newline < 0:
+            if len(buf) > COMMAND_LINE_WITH_PARAMS:
+                buf.clear()
+                self._long_line = True
+            return False
+        line = bytes(buf[: newline + 1])
+        del buf[: newline + 1]
+        if len(line) > COMMAND_LINE_WITH_PARAMS:
+            self._refuse_long_line()
+        else:
+            self._command(line)
+        return True
+
+    def _refuse_long_line(self) -> None:
+        self._events.append(ProtocolViolation(codes.LINE_TOO_LONG))
+        self._reply(codes.LINE_TOO_LONG)
+
+    def _command(self, line: bytes) -> None:
+        text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        verb, _, arg_bytes = text.partition(b" ")
+        verb = verb.upper()
+        handler = _COMMANDS.get(verb)
+        if handler is None:
+            if verb in _FORBIDDEN:
+                self._out += _FORBIDDEN_REPLY.to_bytes()
+                self._events.append(ProtocolViolation(_FORBIDDEN_REPLY))
+                self._close()
+            elif verb in _NOT_IMPLEMENTED:
+                self._reply(codes.NOT_IMPLEMENTED)
+            else:
+                self._reply(codes.UNRECOGNIZED)
+            return
+        if len(line) > COMMAND_LINE and verb not in (b"MAIL", b"RCPT"):
+            self._reply(codes.LINE_TOO_LONG)
+            return
+        if _CONTROL.search(arg_bytes) is not None:
+            self._reply(Reply(501, "5.5.4", "Syntax error: control character in command"))
+            return
+        try:
+            arg = arg_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(Reply(501, "5.5.4", "Syntax error: invalid UTF-8"))
+            return
+        handler(self, arg)
+
+    def _read_data(self) -> None:
+        decoder = self._decoder
+        assert isinstance(decoder, DataDecoder)
+        data = bytes(self._in)
+        self._in.clear()
+        content, rest = decoder.feed(data)
+        if content:
+            self._events.append(DataChunk(content))
+        if rest is None:
+            return
+        self._in += rest
+        if decoder.error is not None:
+            self._abort(decoder.error)
+        else:
+            self._request(EndOfData(decoder.size))
+
+    def _read_chunk(self) -> None:
+        decoder = self._decoder
+        assert isinstance(decoder, ChunkDecoder)
+        buf = self._in
+        count = min(self._bdat_left, len(buf))
+        content = decoder.decode(bytes(buf[:count]))
+        del buf[:count]
+        self._bdat_left -= count
+        if content:
+            self._events.append(DataChunk(content))
+        if not self._bdat_left:
+            self._end_chunk()
+
+    def _end_chunk(self) -> None:
+        decoder = self._decoder
+        assert isinstance(decoder, ChunkDecoder)
+        if self._bdat_last:
+            content = decoder.finish()
+            if content:
+                self._events.append(DataChunk(content))
+        if decoder.error is not None:
+            self._abort(decoder.error)
+        elif self._bdat_last:
+            self._request(EndOfData(decoder.size))
+        else:
+            self._state = next_state(self._state, Input.CHUNK)
+            self._reply(codes.octets_received(self._bdat_size))
+
+    def _abort(self, reply: Reply) -> None:
+        """Refuse the message just read: its reply, DataAborted, then the transaction is gone."""
+        if reply.code == 554:  # bare CR/LF or NUL: the shape of a smuggling attempt
+            self._events.append(ProtocolViolation(reply))
+        self._events.append(DataAborted(reply))
+        self._events.append(Reset())
+        self._end_transaction()
+        self._reply(reply)
+
+    # -- commands -----------------------------------------------------------------------------
+    def _hello(self, verb: str, arg: str) -> None:
+        name = arg.strip()
+        if not name:
+            self._reply(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
+            return
+        self._reset_transaction()
+        self._request(Hello(verb, name))
+
+    def _helo(self, arg: str) -> None:
+        self._hello("HELO", arg)
+
+    def _ehlo(self, arg: str) -> None:
+        self._hello("EHLO", arg)
+
+    def _mail(self, arg: str) -> None:
+        if not allowed(self._state, Input.MAIL):
+            self._reply(sequence_error(self._state, Input.MAIL))
+            return
+        try:
+            event = mail_from(arg, esmtp=self._esmtp, max_size=self._settings.max_message_size)
+        except ParamError as exc:
+            self._reply(exc.reply)
+            return
+        self._request(event)
+
+    def _rcpt(self, arg: str) -> None:
+        if not allowed(self._state, Input.RCPT):
+            self._reply(sequence_error(self._state, Input.RCPT))
+            return
+        try:
+            event = rcpt_to(arg, esmtp=self._esmtp, utf8=self._smtputf8)
+        except ParamError as exc:
+            self._reply(exc.reply)
+            return
+        if 0 < self._settings.max_recipients <= self._rcpts:
+            self._reply(codes.TOO_MANY_RECIPIENTS)
+            return
+        self._request(event)
+
+    def _data(self, arg: str) -> None:
+        if arg.strip():
+            self._reply(Reply(501, "5.5.4", "Syntax: DATA"))
+            return
+        if not allowed(self._state, Input.DATA):
+            self._reply(sequence_error(self._state, Input.DATA))
+            return
+        settings = self._settings
+        self._state = next_state(self._state, Input.DATA)
+        self._decoder = DataDecoder(
+            max_size=settings.max_message_size,
+            max_line_length=settings.max_line_length,
+            reject_bare_lf=settings.reject_bare_lf,
+        )
+        self._events.append(DataStart("DATA"))
+        self._reply(codes.START_DATA)
+
+    def _bdat(self, arg: str) -> None:
+        words = arg.split()
+        if not (
+            1 <= len(words) <= 2
+            and words[0].isascii()
+            and words[0].isdigit()
+            and len(words[0]) <= _SIZE_DIGITS
+            and (len(words) == 1 or words[1].upper() == "LAST")
+        ):
+            # the chunk size is unknown, so its octets cannot be skipped (RFC 3030 2)
+            self._reply(Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]"))
+            return
+        size = int(words[0])
+        refusal: Reply | None = None
+        if not self._esmtp:
+            refusal = Reply(503, "5.5.1", "Error: send EHLO first")
+        elif not allowed(self._state, Input.BDAT):
+            refusal = sequence_error(self._state, Input.BDAT)
+        if refusal is not None:  # the octets still follow: throw them away
+            self._skip = size
+            self._reply(refusal)
+            return
+        if self._state is State.WAIT_DATA:
+            settings = self._settings
+            self._decoder = ChunkDecoder(
+                max_size=settings.max_message_size,
+                max_line_length=settings.max_line_length,
+                reject_bare_lf=settings.reject_bare_lf,
+            )
+            self._events.append(DataStart("BDAT"))
+        decoder = self._decoder
+        assert isinstance(decoder, ChunkDecoder)
+        decoder.expect(size)
+        self._state = next_state(self._state, Input.BDAT)
+        self._bdat_size = self._bdat_left = size
+        self._bdat_last = len(words) == 2
+        if not size:
+            self._end_chunk()
+
+    def _rset(self, arg: str) -> None:
+        if arg.strip():
+            self._reply(Reply(501, "5.5.4", "Syntax: RSET"))
+            return
+        self._reset_transaction(always=True)
+        self._reply(codes.OK)
+
+    def _noop(self, arg: str) -> None:
+        self._reply(codes.OK)
+
+    def _vrfy(self, arg: str) -> None:
+        argument = arg.strip()
+        if not argument:
+            self._reply(Reply(501, "5.5.4", "Syntax: VRFY address"))
+            return
+        self._request(Vrfy(argument))
+
+    def _help(self, arg: str) -> None:
+        self._reply(codes.HELP)
+
+    def _quit(self, arg: str) -> None:
+        self._out += codes.BYE.to_bytes()
+        self._events.append(Quit())
+        self._close()
+
+
+_COMMANDS: Final[dict[bytes, Callable[[ServerConnection, str], None]]] = {
+    b"HELO": ServerConnection._helo,
+    b"EHLO": ServerConnection._ehlo,
+    b"MAIL": ServerConnection._mail,
+    b"RCPT": ServerConnection._rcpt,
+    b"DATA": ServerConnection._data,
+    b"BDAT": ServerConnection._bdat,
+    b"RSET": ServerConnection._rset,
+    b"NOOP": ServerConnection._noop,
+    b"VRFY": ServerConnection._vrfy,
+    b"HELP": ServerConnection._help,
+    b"QUIT": ServerConnection._quit,
+}
