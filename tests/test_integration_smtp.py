@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import mailbox
+import re
+import shutil
 import signal
 import smtplib
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -392,3 +395,74 @@ def test_large_message_streams(server: ServerHandle) -> None:
     assert rss_kb < 120_000, rss_kb
     [path] = list((server.maildir("alice@example.com") / "new").iterdir())
     assert path.stat().st_size > 48_000_000
+
+
+def test_unreadable_mailbox_is_a_temporary_refusal(tmp_path: Path) -> None:
+    handle = make_server(tmp_path)
+    handle.cli("user", "add", "carol@example.com", "--quota", "1M", "--password-stdin",
+               stdin="carol-secret\n")
+    maildir = handle.maildir("carol@example.com")
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).rmdir()
+    maildir.rmdir()
+    maildir.write_text("not a directory")  # the quota count cannot read it
+    handle.start()
+    try:
+        with smtp(handle) as client:
+            client.ehlo()
+            client.mail("a@remote.example")
+            code, text = client.rcpt("carol@example.com")
+            assert (code, text[:5]) == (450, b"4.2.0")
+            assert client.rcpt("alice@example.com")[0] == 250  # the session goes on
+            assert client.data(b"Subject: x\r\n\r\nstill works\r\n")[0] == 250
+    finally:
+        handle.stop()
+
+
+def test_accounts_database_failure_is_451(tmp_path: Path) -> None:
+    handle = make_server(tmp_path)
+    handle.start()
+    try:
+        with smtp(handle) as client:
+            client.ehlo()
+            client.mail("a@remote.example")
+            assert client.rcpt("alice@example.com")[0] == 250
+            db = handle.data_dir / "accounts.db"
+            with sqlite3.connect(db) as admin:  # an operator's mistake: the table is gone
+                admin.execute("DROP TABLE users")
+            code, text = client.rcpt("bob@example.com")
+            assert (code, text[:5]) == (451, b"4.3.0")
+            assert client.noop()[0] == 250
+    finally:
+        handle.stop()
+
+
+@pytest.mark.skipif(shutil.which("smtp-source") is None and not Path("/usr/sbin/smtp-source").exists(),
+                    reason="Postfix's smtp-source is not installed")
+def test_smtp_source_burst_of_1000(server: ServerHandle, tmp_path: Path) -> None:
+    """Postfix's load generator: 1,000 messages over 20 parallel sessions, each a file."""
+    content = (b"From: load@remote.example\nTo: alice@example.com\nSubject: burst\n\n"
+               + b"".join(b"line %d of the body\n" % i for i in range(60))
+               + b".a line that starts with a dot\n..two dots\nlast line\n")
+    message = tmp_path / "message.txt"
+    message.write_bytes(content)
+    tool = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+    result = subprocess.run(
+        [tool, "-s", "20", "-m", "1000", "-M", "source.test", "-f", "load@remote.example",
+         "-t", "alice@example.com", "-F", str(message), f"127.0.0.1:{server.port}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    new = server.maildir("alice@example.com") / "new"
+    files = list(new.iterdir())
+    assert len(files) == 1000
+    for path in files:
+        raw = path.read_bytes()
+        head, sep, rest = raw.partition(b"From: load@remote.example\n")
+        assert sep, raw[:300]
+        assert head.startswith(b"Return-Path: <load@remote.example>\nDelivered-To: alice@example.com\n")
+        assert head.count(b"Received: ") == 1
+        assert sep + rest == content + b"\n"  # smtp-source -F sends one more empty line
+    queue_ids = set(re.findall(r": (\w{12}): to=<alice@example.com>, relay=local, .*"
+                               r"status=sent \(delivered to maildir\)", server.log()))
+    assert len(queue_ids) == 1000

@@ -19,7 +19,7 @@ from postroom import log
 from postroom.delivery.maildir import delivery_headers
 from postroom.errors import StorageError
 from postroom.ids import new_queue_id
-from postroom.message.address import parse_path
+from postroom.message.address import Address, parse_path
 from postroom.message.headers import (
     TraceInfo,
     count_received,
@@ -109,13 +109,15 @@ class Receiver:
     # -- RCPT ---------------------------------------------------------------------------------
     def rcpt(self, client: Client, txn: Transaction, event: RcptTo) -> Reply:
         address = event.address
-        outcome = self.router.resolve(address, may_relay=client.may_relay)
-        if not isinstance(outcome, Rejected) and txn.mail.size:
-            for dest in outcome:
-                too_big = self.router.check_size(dest, txn.mail.size)
-                if too_big is not None:
-                    outcome = too_big
-                    break
+        try:
+            outcome = self._route(address, client, txn)
+        except StorageError as exc:  # the accounts database failed: try again later
+            log.logger.error("%s: accounts lookup failed: %s", txn.envelope.queue_id, exc)
+            outcome = Rejected(451, "4.3.0", f"<{address}>: Temporary lookup failure")
+        except OSError as exc:  # the mailbox could not be read for its quota
+            log.logger.error("%s: mailbox of <%s> unreadable: %s", txn.envelope.queue_id,
+                             address, exc)
+            outcome = Rejected(450, "4.2.0", f"<{address}>: Mailbox temporarily unavailable")
         if isinstance(outcome, Rejected):
             self._log_reject(client, txn, "RCPT", outcome, str(address))
             return _reply(outcome)
@@ -129,6 +131,16 @@ class Receiver:
                           notify=event.notify)
             )
         return codes.OK_RCPT
+
+    def _route(self, address: Address, client: Client, txn: Transaction
+               ) -> list[Destination] | Rejected:
+        outcome = self.router.resolve(address, may_relay=client.may_relay)
+        if not isinstance(outcome, Rejected) and txn.mail.size:
+            for dest in outcome:
+                too_big = self.router.check_size(dest, txn.mail.size)
+                if too_big is not None:
+                    return too_big
+        return outcome
 
     def vrfy(self, client: Client, event: Vrfy) -> Reply:
         if not self.settings.vrfy:

@@ -172,7 +172,7 @@ def scan_usage(root: Path) -> int:
     for sub in ("new", "cur"):
         try:
             entries = os.scandir(root / sub)
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             continue  # no Maildir yet: the first delivery creates it
         with entries:
             for entry in entries:

@@ -108,7 +108,12 @@ class SmtpSession(asyncio.Protocol):
             if event is None:
                 break
             if isinstance(event, Request):
-                reply = self._decide(event)
+                try:
+                    reply = self._decide(event)
+                except Exception:  # a bug costs this command a 451, never the connection
+                    log.logger.exception("error handling %s from %s", type(event).__name__,
+                                         self.client.describe())
+                    reply = codes.LOCAL_ERROR
                 if reply is None:  # answered later (end of data)
                     break
                 conn.respond(reply)
