@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import shutil
+import signal
 import smtplib
 import subprocess
 import sys
