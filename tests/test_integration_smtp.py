@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import mailbox
+import os
 import re
 import shutil
 import signal
@@ -10,6 +12,7 @@ import smtplib
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerHandle, make_server
+from tests.conftest import ServerHandle, make_server, wait_port
 
 
 def smtp(handle: ServerHandle) -> smtplib.SMTP:
@@ -466,3 +469,60 @@ def test_smtp_source_burst_of_1000(server: ServerHandle, tmp_path: Path) -> None
     queue_ids = set(re.findall(r": (\w{12}): to=<alice@example.com>, relay=local, .*"
                                r"status=sent \(delivered to maildir\)", server.log()))
     assert len(queue_ids) == 1000
+
+
+def test_json_log_lines(tmp_path: Path) -> None:
+    handle = make_server(tmp_path)
+    json_log = tmp_path / "json.log"
+    handle.proc = subprocess.Popen(
+        [sys.executable, "-m", "postroom", "-c", str(handle.config_path), "serve", "--json",
+         "--log-file", str(json_log)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(handle.port, handle.proc)
+        with smtp(handle) as client:
+            client.sendmail("a@remote.example", ["alice@example.com"], b"Subject: j\r\n\r\njson\r\n")
+        handle.wait_for(lambda: "delivered to maildir" in json_log.read_text())
+    finally:
+        handle.stop()
+    records = [json.loads(line) for line in json_log.read_text().splitlines()]
+    sent = next(r for r in records if r.get("status") == "sent")
+    assert sent["to"] == "alice@example.com" and sent["relay"] == "local"
+    assert sent["status_detail"] == "delivered to maildir" and len(sent["queue_id"]) == 12
+    assert any(r.get("from") == "a@remote.example" and r["queue_id"] == sent["queue_id"]
+               for r in records)
+
+
+def test_two_worker_processes_share_the_work_and_the_limits(tmp_path: Path) -> None:
+    handle = make_server(tmp_path, "[smtp]\nmax_connections_per_ip = 3\n")
+    handle.config_path.write_text(handle.config_path.read_text()
+                                  .replace('run_as = ""', 'run_as = ""\nworkers = 2'))
+    handle.start()
+    try:
+        assert handle.proc is not None
+        workers = Path(f"/proc/{handle.proc.pid}/task/{handle.proc.pid}/children").read_text().split()
+        assert len(workers) == 2
+        # The per-IP limit counts connections in both workers together.
+        held = [Raw(handle.port) for _ in range(3)]
+        assert all(c.reply().startswith(b"220") for c in held)
+        extra = Raw(handle.port)
+        assert extra.reply().startswith(b"421 4.7.0")
+        for c in (*held, extra):
+            c.close()
+        time.sleep(0.3)
+        with smtp(handle) as client:
+            for n in range(20):
+                client.sendmail("a@remote.example", ["alice@example.com"],
+                                b"Subject: w %d\r\n\r\nworker mail\r\n" % n)
+        assert len(handle.messages("alice@example.com")) == 20
+        # A worker killed outright is replaced; its connections no longer count.
+        os.kill(int(workers[0]), signal.SIGKILL)
+        handle.wait_for(lambda: "starting a new one" in handle.log())
+        handle.wait_for(lambda: len(Path(f"/proc/{handle.proc.pid}/task/{handle.proc.pid}/children")
+                                    .read_text().split()) == 2)
+        again = [Raw(handle.port) for _ in range(3)]
+        assert all(c.reply().startswith(b"220") for c in again)
+    finally:
+        assert handle.stop() == 0
+    assert "all workers stopped" in handle.log()

@@ -161,12 +161,23 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 
 
 @main.command()
+@click.option("--json", "json_logs", is_flag=True, help="Log one JSON object per line.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also append the log to this file.")
 @pass_state
-def serve(state: _State) -> None:
+def serve(state: _State, json_logs: bool, log_file: Path | None) -> None:
     """Run the mail server until SIGTERM (SIGHUP reloads the configuration)."""
     from postroom.daemon import serve as run  # imported here: the account commands stay light
 
-    run(state.config())
+    cfg = state.config()
+    overrides: dict[str, object] = {}
+    if json_logs:
+        overrides["log_json"] = True
+    if log_file is not None:
+        overrides["log_file"] = log_file
+    if overrides:
+        cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=overrides)})
+    run(cfg)
 
 
 # --- domains -------------------------------------------------------------------------------

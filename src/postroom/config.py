@@ -49,6 +49,9 @@ class ServerSection(_Section):
     data_dir: Path | None = None
     #: When started as root: bind the ports, then run as this user. "" keeps root (not advised).
     run_as: str = "postroom"
+    #: SMTP worker processes sharing the listening sockets (one event loop each). More than one
+    #: uses more cores; the queue runner lives in worker 0.
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
     log_file: Path | None = None
     log_json: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"

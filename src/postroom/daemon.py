@@ -12,12 +12,14 @@ listeners themselves need a restart and a warning says so).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from postroom.accounts.store import AccountStore
 from postroom.config import Config
 from postroom.delivery.maildir import MaildirUsage
 from postroom.errors import ConfigError
+from postroom.net.limits import ConnectionCounts, SharedCounts
 from postroom.net.server import SmtpServer, bind_listener
 from postroom.policy.router import Router
 from postroom.queue.committer import Committer
@@ -99,9 +102,21 @@ def drop_privileges(config: Config) -> None:
 
 # -- running ----------------------------------------------------------------------------------
 class Daemon:
-    def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+    """One worker: an event loop with the SMTP listeners, the committer and (in worker 0 only)
+    the queue runner."""
+
+    def __init__(
+        self,
+        config: Config,
+        sockets: list[socket.socket],
+        *,
+        worker: int = 0,
+        counts: ConnectionCounts | None = None,
+    ) -> None:
         self.config = config
         self.sockets = sockets
+        self.worker = worker
+        self.counts = counts
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -116,14 +131,15 @@ class Daemon:
                       first_retry=config.queue.min_backoff)
         runner = QueueRunner(spool, committer, config)
         receiver = Receiver(receive_settings(config), router, spool)
-        server = SmtpServer(config, receiver)
+        server = SmtpServer(config, receiver, self.counts)
         self._reload_targets = (server, receiver, router, runner)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
-            runner.start()
+            if self.worker == 0:
+                runner.start()  # one runner per queue: two would deliver twice
             await server.start(self.sockets)
             log.logger.info("postroom ready: %s, data in %s", config.hostname, data_dir)
             await self.stopping.wait()
@@ -167,14 +183,101 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
-def serve(config: Config) -> None:
+def _setup_logging(config: Config) -> None:
     log.setup(
         hostname=config.hostname,
         level=config.server.log_level,
         json_lines=config.server.log_json,
         file=config.server.log_file,
     )
+
+
+def serve(config: Config) -> None:
+    _setup_logging(config)
     sockets = [bind_listener(listener) for listener in config.listeners()]
     drop_privileges(config)
-    daemon = Daemon(config, sockets)
-    _run(daemon.run())
+    if config.server.workers == 1:
+        _run(Daemon(config, sockets).run())
+        return
+    Supervisor(config, sockets).run()
+
+
+_MASTER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+
+
+class Supervisor:
+    """With ``server.workers`` > 1: fork the workers, pass SIGTERM/SIGHUP on to them, and start
+    a new worker when one dies unexpectedly (its connection counts are reset)."""
+
+    def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.counts = SharedCounts(config.server.workers)
+        self.children: dict[int, int] = {}  # pid -> worker index
+        self.stopping = False
+
+    def _spawn(self, worker: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, set())
+                for sig in _MASTER_SIGNALS:
+                    signal.signal(sig, signal.SIG_DFL)
+                self.counts.worker = worker
+                _setup_logging(self.config)
+                _run(Daemon(self.config, self.sockets, worker=worker, counts=self.counts).run())
+            except BaseException:
+                log.logger.exception("worker %d failed", worker)
+                code = 1
+            finally:
+                os._exit(code)
+        self.children[pid] = worker
+        log.logger.info("started worker %d (pid %d)", worker, pid)
+
+    def run(self) -> None:
+        # SIGCHLD must not be ignored (a parent may have passed that on), or the kernel reaps
+        # the workers itself and we could not tell a crash from a stop.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _MASTER_SIGNALS)
+        for worker in range(self.config.server.workers):
+            self._spawn(worker)
+        while self.children:
+            info = signal.sigwaitinfo(_MASTER_SIGNALS)
+            if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                self.stopping = True
+                self._signal_all(signal.SIGTERM)
+            elif info.si_signo == signal.SIGHUP:
+                self._signal_all(signal.SIGHUP)
+            self._reap()
+        log.logger.info("all workers stopped")
+
+    def _signal_all(self, sig: int) -> None:
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            worker = self.children.pop(pid, None)
+            if worker is None:
+                continue
+            self.counts.reset(worker)
+            if not self.stopping:
+                log.logger.error("worker %d (pid %d) died (%s); starting a new one", worker,
+                                 pid, _describe_status(status))
+                time.sleep(0.5)  # do not spin if a worker fails at once, every time
+                self._spawn(worker)
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"

@@ -17,6 +17,16 @@ assert len(_ALPHABET) == 32
 _counter = int.from_bytes(os.urandom(3), "big")
 
 
+def _reseed() -> None:
+    """A forked worker must not continue its parent's sequence, or two workers would make the
+    same ids in the same microsecond."""
+    global _counter
+    _counter = int.from_bytes(os.urandom(3), "big")
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
 def _encode(value: int, width: int) -> str:
     chars = []
     for _ in range(width):

@@ -10,15 +10,15 @@ accepting, tells idle sessions ``421 4.3.2``, lets transactions in flight finish
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import time
-from collections import Counter
 from collections.abc import Sequence
 
 from postroom import log
 from postroom.config import Config, ListenerSection
+from postroom.net.limits import ConnectionCounts, LocalCounts
 from postroom.net.session import SmtpSession
+from postroom.policy.relay import may_relay
 from postroom.receive import Receiver
 from postroom.smtp.codes import Reply
 from postroom.smtp.server import ServerSettings
@@ -56,12 +56,14 @@ def bind_listener(listener: ListenerSection) -> socket.socket:
 class SmtpServer:
     """Every SMTP listener of one process and the sessions they accepted."""
 
-    def __init__(self, config: Config, receiver: Receiver) -> None:
+    def __init__(
+        self, config: Config, receiver: Receiver, counts: ConnectionCounts | None = None
+    ) -> None:
         self.receiver = receiver
         self.sessions: set[SmtpSession] = set()
-        self.per_ip: Counter[str] = Counter()
+        self.counts: ConnectionCounts = counts if counts is not None else LocalCounts()
         self.shutting_down = False
-        self._servers: list[asyncio.base_events.Server] = []
+        self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.reconfigure(config)
 
@@ -70,7 +72,6 @@ class SmtpServer:
         self.config = config
         self.hostname = config.hostname
         self.smtp_settings = smtp_settings(config)
-        self._networks = config.relay.networks()
 
     async def start(self, sockets: Sequence[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
@@ -87,12 +88,12 @@ class SmtpServer:
         smtp = self.config.smtp
         address = session.client.address
         self.sessions.add(session)
-        self.per_ip[address] += 1
+        total, from_address = self.counts.add(address)
         if self.shutting_down:
             return Reply(421, "4.3.2", f"{self.hostname} Service shutting down")
-        if len(self.sessions) > smtp.max_connections:
+        if total > smtp.max_connections:
             return Reply(421, "4.7.0", f"{self.hostname} Error: too many connections")
-        if self.per_ip[address] > smtp.max_connections_per_ip:
+        if from_address > smtp.max_connections_per_ip:
             return Reply(421, "4.7.0",
                          f"{self.hostname} Error: too many connections from {address}")
         return None
@@ -100,19 +101,10 @@ class SmtpServer:
     def release(self, session: SmtpSession) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            address = session.client.address
-            self.per_ip[address] -= 1
-            if self.per_ip[address] <= 0:
-                del self.per_ip[address]
+            self.counts.remove(session.client.address)
 
     def may_relay(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self._networks)
+        return may_relay(address, self.config.relay)
 
     # -- timeouts -----------------------------------------------------------------------------
     async def _sweep(self) -> None:
