@@ -69,6 +69,7 @@ async def running(tmp_path: Path, disk: Disk) -> AsyncIterator[tuple[int, Path]]
 def _send(port: int) -> list[tuple[int, bytes]]:
     results = []
     with smtplib.SMTP("127.0.0.1", port, local_hostname="c.test", timeout=10) as client:
+        client.ehlo()
         for _ in range(2):
             client.mail("a@remote.example")
             client.rcpt("alice@example.com")
