@@ -338,6 +338,26 @@ def test_command_timeout(tmp_path: Path) -> None:
         handle.stop()
 
 
+def test_data_timeout(tmp_path: Path) -> None:
+    handle = make_server(tmp_path, "[smtp]\ndata_timeout = 1.0\n")
+    handle.start()
+    try:
+        c = Raw(handle.port)
+        c.reply()
+        c.send(b"EHLO c.test\r\nMAIL FROM:<a@remote.example>\r\nRCPT TO:<alice@example.com>\r\n"
+               b"DATA\r\n")
+        for _ in range(4):
+            c.reply()
+        c.send(b"Subject: slow\r\n\r\nhalf a message")
+        started = time.monotonic()
+        assert c.reply().startswith(b"421 4.4.2")
+        assert 0.9 < time.monotonic() - started < 5
+        assert handle.messages("alice@example.com") == []
+        handle.wait_for(lambda: "timeout after IN_DATA" in handle.log())
+    finally:
+        handle.stop()
+
+
 def test_sigterm_finishes_transaction_in_flight(server: ServerHandle) -> None:
     busy, idle = Raw(server.port), Raw(server.port)
     busy.reply()

@@ -212,3 +212,19 @@ class ChunkDecoder(_Content):
             self._line = 0
             return self._count(b"\r\n")
         return b""
+
+
+def encode_data(content: bytes) -> bytes:
+    """The DATA form of stored *content* (CRLF line ends): dot-stuffed, ended by CRLF.CRLF.
+
+    The sending side of RFC 5321 4.5.2, for the SMTP client: a line that starts with "." gets
+    one more, a last line without CRLF gets one, and the terminator is appended. Stored content
+    never holds a bare CR or LF (the decoders refuse or normalise them), so the only
+    ``<CRLF>.<CRLF>`` the receiver can see is the one at the end.
+    """
+    if content and not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    stuffed = content.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
