@@ -56,3 +56,20 @@ def test_listener_addresses() -> None:
     assert config.parse_hostport(":587") == ("0.0.0.0", 587)
     with pytest.raises(ValueError):
         config.parse_hostport("localhost")
+
+
+def test_defaults_are_settled_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server started as root keeps root's defaults after it drops privileges."""
+    monkeypatch.setattr(config, "running_as_root", lambda: True)
+    cfg = config.load(None)
+    monkeypatch.setattr(config, "running_as_root", lambda: False)
+    assert cfg.data_dir == config.DEFAULT_DATA_DIR_ROOT
+    assert cfg.listeners()[0].host_port() == ("0.0.0.0", 25)
+    assert cfg.server.hostname == config.default_hostname()
+
+
+def test_relative_data_dir_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "p.toml"
+    path.write_text('[server]\ndata_dir = "spool-here"\n')
+    assert config.load(path).data_dir == tmp_path / "spool-here"

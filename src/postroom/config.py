@@ -214,7 +214,13 @@ def from_dict(data: dict[str, Any], source: Path | None = None) -> Config:
             else:
                 problems.append(f"{where}: invalid value for '{key}': {err['msg']}")
         raise ConfigError("\n".join(problems)) from None
-    return config
+    # Settle what depends on who runs us now, so a server that drops root later still uses the
+    # root defaults (data directory, ports), and a relative data_dir stays where it was meant.
+    server = config.server.model_copy(
+        update={"data_dir": config.server.resolved_data_dir().absolute(),
+                "hostname": config.server.resolved_hostname()}
+    )
+    return config.model_copy(update={"server": server, "listener": config.listeners()})
 
 
 def load(path: Path | None) -> Config:
