@@ -46,8 +46,11 @@ class NoSpaceDisk(Disk):
 
 
 class BadFsyncDisk(Disk):
+    def __init__(self, err: int = errno.EIO) -> None:
+        self.err = err
+
     def fsync(self, fd: int) -> None:
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
+        raise OSError(self.err, os.strerror(self.err))
 
 
 def deliver(root: Path, chunks: list[bytes], disk: Disk | None = None) -> Path:
@@ -156,6 +159,33 @@ def test_fsync_error_is_not_disk_full(tmp_path: Path) -> None:
     assert not info.value.disk_full
     assert "fsync" in str(info.value)
     assert os.listdir(root / "tmp") == [] and os.listdir(root / "new") == []
+
+
+def test_fsync_enospc_is_disk_full(tmp_path: Path) -> None:
+    root = tmp_path / "Maildir"
+    ensure_maildir(root)
+    with pytest.raises(StorageError) as info:
+        deliver(root, [MESSAGE], BadFsyncDisk(errno.ENOSPC))
+    assert info.value.disk_full
+    assert os.listdir(root / "tmp") == [] and os.listdir(root / "new") == []
+
+
+def test_message_waits_in_tmp_until_the_round_commits(tmp_path: Path) -> None:
+    root = tmp_path / "Maildir"
+    ensure_maildir(root)
+    during: list[tuple[list[str], list[str]]] = []
+
+    def job(dirsync: DirSync) -> Path:
+        path = write_message(root, [MESSAGE], dirsync)
+        during.append((os.listdir(root / "tmp"), os.listdir(root / "new")))
+        assert [f.final_path for f in dirsync.files] == [str(path)]
+        return path
+
+    path = Committer().run_now(job)
+    [(in_tmp, in_new)] = during
+    assert len(in_tmp) == 1 and in_new == []  # written, not yet fsynced nor renamed
+    assert path.name.startswith(in_tmp[0] + ",S=")
+    assert os.listdir(root / "tmp") == [] and os.listdir(root / "new") == [path.name]
 
 
 def test_unwritable_location(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -44,6 +46,25 @@ class RecordingDisk(Disk):
     def rename(self, src: str, dst: str) -> None:
         super().rename(src, dst)
         self.renames.append(dst)
+
+
+class FsyncFailsIn(Disk):
+    """Real calls, except that fsync of a file created under *root* fails with *err*."""
+
+    def __init__(self, root: Path, err: int) -> None:
+        self.root = str(root)
+        self.err = err
+        self.paths: dict[int, str] = {}
+
+    def create(self, path: str) -> int:
+        fd = super().create(path)
+        self.paths[fd] = path
+        return fd
+
+    def fsync(self, fd: int) -> None:
+        if self.paths[fd].startswith(self.root):
+            raise OSError(self.err, os.strerror(self.err))
+        super().fsync(fd)
 
 
 class Clock:
@@ -278,6 +299,35 @@ def test_mixed_message_keeps_only_what_is_left(tmp_path: Path, committer: Commit
     clock.now += 100
     asyncio.run(runner.run_once())
     assert len(new_files(alice)) == 1  # never delivered twice
+
+
+@pytest.mark.parametrize(("err", "dsn"), [(errno.EIO, "4.3.0"), (errno.ENOSPC, "4.3.1")])
+def test_failed_commit_defers_the_whole_attempt(
+    tmp_path: Path, committer: Committer, caplog: pytest.LogCaptureFixture, err: int, dsn: str
+) -> None:
+    clock = Clock(NOW + 1)
+    alice, bob = mailbox_for(tmp_path, "alice"), mailbox_for(tmp_path, "bob")
+    spool, runner = make(tmp_path, committer, clock)
+    path = queue_message(
+        spool, committer, Recipient("alice@example.com", alice), Recipient("bob@example.com", bob)
+    )
+    spool.disk = FsyncFailsIn(bob.maildir, err)  # alice's copy is fine, bob's cannot be synced
+    with caplog.at_level(logging.INFO, logger="postroom"):
+        asyncio.run(runner.run_once())
+    rcpts = read_envelope(path).recipients
+    assert [r.state for r in rcpts] == [RecipientState.DEFERRED] * 2
+    assert [r.attempts for r in rcpts] == [1, 1]
+    assert all(r.last_error and "fsync of" in r.last_error for r in rcpts)
+    assert f"dsn={dsn}, status=deferred (fsync of" in caplog.text
+    assert "status=sent" not in caplog.text
+    # The attempt failed as a whole: alice's copy was not committed either (no duplicate later).
+    for box in (alice, bob):
+        assert new_files(box) == [] and os.listdir(box.maildir / "tmp") == []
+    assert path.read_bytes().partition(b"\n")[2] == PREPEND + CONTENT
+    spool.disk = Disk()
+    clock.now = max(r.next_attempt for r in rcpts)
+    asyncio.run(runner.run_once())
+    assert len(new_files(alice)) == 1 and len(new_files(bob)) == 1 and not path.exists()
 
 
 def test_held_message_is_left_alone(tmp_path: Path, committer: Committer) -> None:

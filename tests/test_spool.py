@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import hashlib
 import json
@@ -40,12 +41,26 @@ NOW = 1_732_900_000.0
 
 
 class PathDisk(Disk):
-    """Real calls; remembers which path each fd belongs to, and fails on chosen directories."""
+    """Real calls; remembers which path each fd belongs to, and fails on chosen directories.
 
-    def __init__(self, *, full_in: Path | None = None, fail_dir_sync: Path | None = None) -> None:
+    ``full_in``: writes there fail with ENOSPC; ``fsync_fails_in``: fsyncs of files there fail with
+    ``fsync_errno`` (in phase 2 of the round); ``fail_dir_sync``: that directory's fsync fails.
+    """
+
+    def __init__(
+        self,
+        *,
+        full_in: Path | None = None,
+        fail_dir_sync: Path | None = None,
+        fsync_fails_in: Path | None = None,
+        fsync_errno: int = errno.EIO,
+    ) -> None:
         self.paths: dict[int, str] = {}
         self.full_in = full_in
         self.fail_dir_sync = fail_dir_sync
+        self.fsync_fails_in = fsync_fails_in
+        self.fsync_errno = fsync_errno
+        self.dir_syncs: list[str] = []
 
     def create(self, path: str) -> int:
         fd = super().create(path)
@@ -57,10 +72,16 @@ class PathDisk(Disk):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         super().write(fd, data)
 
+    def fsync(self, fd: int) -> None:
+        if self.fsync_fails_in is not None and self.paths[fd].startswith(str(self.fsync_fails_in)):
+            raise OSError(self.fsync_errno, os.strerror(self.fsync_errno))
+        super().fsync(fd)
+
     def fsync_dir(self, path: str) -> None:
         if self.fail_dir_sync is not None and path == str(self.fail_dir_sync):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         super().fsync_dir(path)
+        self.dir_syncs.append(path)
 
 
 @pytest.fixture
@@ -344,7 +365,13 @@ def test_queue_file_disk_full(tmp_path: Path, committer: Committer) -> None:
     with pytest.raises(AcceptError) as info:
         accept(spool, envelope(alice, remote("carol@example.net")), message_of(spool, CONTENT))
     assert info.value.disk_full  # 452 4.3.1
-    assert [o.recipient for o in info.value.result.delivered] == [alice]
+    # The job failed as a whole: its Maildir copy was never committed, so the client's retry
+    # brings no duplicate, and nothing is reported delivered.
+    assert info.value.result.delivered == [] and info.value.result.outcomes == ()
+    assert isinstance(alice.destination, LocalDelivery)
+    assert maildir_files(alice.destination.maildir) == []
+    assert os.listdir(alice.destination.maildir / "tmp") == []
+    assert alice.state is RecipientState.PENDING
     assert os.listdir(spool.active) == [] and os.listdir(spool.incoming) == []
 
 
@@ -376,6 +403,117 @@ def test_spilled_message_to_maildir_and_queue(tmp_path: Path, committer: Committ
     assert result.queue_file is not None
     assert result.queue_file.read_bytes().partition(b"\n")[2] == PREPEND + big
     assert os.listdir(spool.incoming) == []
+
+
+@pytest.mark.parametrize(("err", "disk_full"), [(errno.EIO, False), (errno.ENOSPC, True)])
+def test_maildir_fsync_failure_fails_the_whole_accept(
+    tmp_path: Path,
+    committer: Committer,
+    caplog: pytest.LogCaptureFixture,
+    err: int,
+    disk_full: bool,
+) -> None:
+    alice = local(tmp_path, "alice")
+    assert isinstance(alice.destination, LocalDelivery)
+    maildir = alice.destination.maildir
+    disk = PathDisk(fsync_fails_in=maildir / "tmp", fsync_errno=err)
+    spool = make_spool(tmp_path, committer, disk)
+    carol = remote("carol@example.net")
+    with caplog.at_level(logging.INFO, logger="postroom"), pytest.raises(AcceptError) as info:
+        accept(spool, envelope(alice, carol), message_of(spool, CONTENT))
+    # Too late to fall back to the queue file: the client gets 451 4.3.0 / 452 4.3.1 and retries.
+    assert info.value.disk_full is disk_full
+    assert "fsync of" in str(info.value)
+    assert info.value.result.outcomes == () and info.value.result.queue_file is None
+    assert alice.state is RecipientState.PENDING
+    assert maildir_files(maildir) == [] and os.listdir(maildir / "tmp") == []
+    assert os.listdir(spool.active) == [] and os.listdir(spool.incoming) == []
+    assert "status=sent" not in caplog.text and "removed" not in caplog.text
+
+
+def test_queue_file_fsync_failure_drops_the_maildir_copy_too(
+    tmp_path: Path, committer: Committer
+) -> None:
+    disk = PathDisk(fsync_fails_in=tmp_path / "data" / "queue" / "incoming", fsync_errno=errno.ENOSPC)
+    spool = make_spool(tmp_path, committer, disk)
+    alice = local(tmp_path, "alice")
+    assert isinstance(alice.destination, LocalDelivery)
+    with pytest.raises(AcceptError) as info:
+        accept(spool, envelope(alice, remote("carol@example.net")), message_of(spool, CONTENT))
+    assert info.value.disk_full
+    assert info.value.result.delivered == []
+    assert maildir_files(alice.destination.maildir) == []
+    assert os.listdir(alice.destination.maildir / "tmp") == []
+    assert os.listdir(spool.active) == [] and os.listdir(spool.incoming) == []
+
+
+def test_failed_commit_fails_only_its_own_accept(tmp_path: Path, committer: Committer) -> None:
+    bob = local(tmp_path, "bob")
+    alice = local(tmp_path, "alice")
+    assert isinstance(bob.destination, LocalDelivery)
+    assert isinstance(alice.destination, LocalDelivery)
+    disk = PathDisk(fsync_fails_in=bob.destination.maildir)
+    spool = make_spool(tmp_path, committer, disk)
+    gate, started = threading.Event(), threading.Event()
+
+    def hold(dirsync: object) -> None:
+        started.set()
+        gate.wait(10)
+
+    async def main() -> list[AcceptResult | BaseException]:
+        held = committer.submit(hold)  # both accepts wait for, then share, the next round
+        await asyncio.to_thread(started.wait, 10)
+        env_bob = envelope(bob)
+        env_alice = dataclasses.replace(envelope(alice), queue_id="4Q8X2B0C1DFH")
+        tasks = [
+            asyncio.create_task(spool.accept(env, message_of(spool, CONTENT), PREPEND))
+            for env in (env_bob, env_alice)
+        ]
+        await asyncio.sleep(0.05)  # both jobs are queued
+        rounds = committer.rounds
+        gate.set()
+        await held
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert committer.rounds == rounds + 2
+        return results
+
+    failed, ok = asyncio.run(main())
+    assert isinstance(failed, AcceptError) and not failed.disk_full
+    assert isinstance(ok, AcceptResult) and ok.queue_file is None
+    [copy] = maildir_files(alice.destination.maildir)
+    assert [o.delivered for o in ok.delivered] == [copy]
+    assert alice.state is RecipientState.DELIVERED and bob.state is RecipientState.PENDING
+    assert maildir_files(bob.destination.maildir) == []
+    assert os.listdir(bob.destination.maildir / "tmp") == []
+
+
+def test_sent_is_logged_only_once_the_copy_is_durable(tmp_path: Path) -> None:
+    disk = PathDisk()
+    committer = Committer(disk=disk)  # the committer fsyncs the directories
+    committer.start()
+    spool = make_spool(tmp_path, committer, disk)
+    alice = local(tmp_path, "alice")
+    assert isinstance(alice.destination, LocalDelivery)
+    new_dir = str(alice.destination.maildir / "new")
+    seen: list[tuple[bool, bool]] = []
+
+    class Check(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "status=sent" in record.getMessage():
+                seen.append((new_dir in disk.dir_syncs, len(os.listdir(new_dir)) == 1))
+
+    handler = Check()
+    log_root = logging.getLogger("postroom")
+    log_root.addHandler(handler)
+    level = log_root.level
+    log_root.setLevel(logging.INFO)
+    try:
+        accept(spool, envelope(alice), message_of(spool, CONTENT))
+    finally:
+        log_root.removeHandler(handler)
+        log_root.setLevel(level)
+        committer.stop()
+    assert seen == [(True, True)]
 
 
 class GatedDisk(Disk):

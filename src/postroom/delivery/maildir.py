@@ -1,7 +1,7 @@
 """Maildir delivery, as cr.yp.to/proto/maildir.html describes it, with Dovecot's file name fields.
 
-A message is created in ``tmp/`` under a name no other delivery can pick, written, fsynced, then
-renamed into ``new/``; the caller's group commit fsyncs ``new/`` (see
+A message is created in ``tmp/`` under a name no other delivery can pick and written; the
+caller's group commit then fsyncs it, renames it into ``new/`` and fsyncs ``new/`` (see
 :mod:`postroom.queue.committer`). A reader never sees a partial message. Only ``new/`` is synced:
 the rename out of ``tmp/`` is one atomic directory operation, so after a crash ``tmp/`` can at most
 hold a leftover, which Maildir readers ignore.
@@ -36,6 +36,15 @@ from postroom.queue.committer import DEFAULT_DISK, DirSync, Disk, DurableFile, s
 MAILDIR_SUBDIRS = ("tmp", "new", "cur")
 
 _counter = itertools.count(1)
+_pid = os.getpid()  # getpid() is a system call; one fewer per delivery
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 _SIZE_FIELD = re.compile(r",S=(\d+)")
 
 
@@ -87,7 +96,7 @@ def unique_base(host: str | None = None, now: float | None = None) -> str:
     seconds = int(stamp)
     micros = int((stamp - seconds) * 1_000_000)
     hostname = _HOSTNAME if host is None else _escaped_hostname(host)
-    return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}.{hostname}"
+    return f"{seconds}.M{micros}P{_pid}Q{next(_counter)}.{hostname}"
 
 
 def unique_name(size_octets: int, crlf_size: int, host: str | None = None) -> str:
@@ -131,9 +140,10 @@ def write_message(
     """Deliver one message into the Maildir at *root*; return its path in ``new/``.
 
     *chunks* is the message in SMTP form (CRLF line ends); it is stored with LF. The file is
-    fsynced and renamed into ``new/``, and ``new/`` is registered with *dirsync*: the message is
-    durable once the committer's round ends. Raises :class:`StorageError` and leaves nothing
-    behind when any step fails.
+    created and written in ``tmp/`` now and handed to *dirsync*'s round, which fsyncs it, renames
+    it into ``new/`` and fsyncs ``new/``: the message is durable (and the returned path exists)
+    once the job has succeeded. Raises :class:`StorageError` and leaves nothing behind when a step
+    here fails; a failure in the round fails the job and removes the file too.
     """
     base = unique_base(host)
     tmp = os.path.join(root, "tmp", base)
@@ -155,8 +165,7 @@ def write_message(
             out.write(piece)
         name = f"{base},S={out.size},W={out.size + line_ends}"
         final = os.path.join(root, "new", name)
-        out.commit(final)
-    dirsync.add(os.path.join(root, "new"))
+        out.commit(final, dirsync)
     return Path(final)
 
 

@@ -3,30 +3,42 @@
 The durability rule (RFC 5321 section 6.1: once a server answers 250 to the end of data it has
 accepted responsibility for the message) is met by fsync of every file written AND of every
 directory whose entries changed, before the 250. Done per message that is the whole budget on a
-small box, so work is batched:
+small box, so work is batched, and each round runs in two phases:
 
-* the event loop calls :meth:`Committer.submit` with a *job*, a plain function that writes its
-  files and fsyncs them, then names each directory whose entries it changed with
-  :meth:`DirSync.add`;
-* the committer thread takes every job queued since its last round, runs them one after the other,
-  then fsyncs each distinct directory once (twenty messages renamed into one ``new/`` cost one
-  directory fsync, not twenty), then resolves all of the round's futures with ONE
-  ``loop.call_soon_threadsafe`` per event loop.
+1. the event loop calls :meth:`Committer.submit` with a *job*, a plain function; the committer
+   thread takes every job queued since its last round and runs them one after the other. A job
+   creates and writes its new files and hands each one to the round with
+   ``DurableFile.commit(final_path, dirsync)`` instead of syncing it; it names any other directory
+   whose entries it changed (a ``mkdir``, an ``unlink``) with :meth:`DirSync.add`;
+2. then the thread fsyncs every file handed over, renames each into place, and fsyncs each
+   distinct directory once (twenty messages renamed into one ``new/`` cost one directory fsync,
+   not twenty). On a journalling file system the first fsync commits the transaction that holds
+   all of the round's creates, so the others find less left to do, and no create waits for a
+   commit another job's fsync started. (Without a journal, as on the 2-core test VM's ext4, each
+   fsync writes its own inode and flushes the disk cache either way.)
 
-With ``workers`` > 1 the jobs of a round (and then its directory fsyncs) run side by side on a
-small pool: ext4 folds concurrent fsyncs into fewer journal commits. On the 2-core test VM, 4 KB
-messages through :meth:`postroom.queue.spool.Spool.accept` from 20 sessions went from about
-2,000 msg/s with one thread to about 3,800 with four workers. Jobs must then be safe to run
-concurrently (the spool's are: unique names, one envelope each).
+and last resolves all of the round's futures with ONE ``loop.call_soon_threadsafe`` per event
+loop. Per file the order stays fsync(file), rename, fsync(directory), then the future.
 
-A job that raises fails alone; an ``OSError`` from it becomes a :class:`StorageError` (``disk_full``
-for ENOSPC and EDQUOT). A directory fsync that fails fails every job of the round that registered
-that directory. The event loop never blocks on the disk.
+Failures. A job that raises fails alone; an ``OSError`` from it becomes a :class:`StorageError`
+(``disk_full`` for ENOSPC and EDQUOT), and the files it handed over are discarded, not committed.
+A file whose fsync, close or rename fails in phase 2 fails the job that handed it over, as a
+whole: that job's other files are discarded too where they are not yet renamed (a job is all or
+nothing as far as it can be), and the temporary file is removed. A directory fsync that fails
+fails every job of the round that renamed a file into, or registered, that directory. Other jobs
+of the round are not affected. :attr:`DurableFile.durable` tells afterwards whether one file made
+it (fsync, rename and directory fsync all done), for callers that report what a failed job left.
+
+Everything runs in the one thread. A pool of workers for the jobs and the fsyncs (it once took
+the test VM from 2,000 to 3,800 msg/s, when each job fsynced its own files) made the two-phase
+round slower there, by the extra GIL hand-offs, and was removed; to use more cores, run more
+worker processes. Every system call lets the event loop take the GIL, which this thread must then
+wait for: a round makes one call per step and file and keeps its own Python work small.
 
 :class:`Disk` is the seam for the system calls durable work makes, and :class:`DurableFile` the one
 way a new file is written (create O_EXCL 0600, write, fsync, rename; removed again on any failure).
-Tests subclass :class:`Disk` to make ``write`` fail with ENOSPC, or to stop the process between two
-steps, and so check that nothing is left half-written.
+Tests subclass :class:`Disk` to make ``write`` or ``fsync`` fail with ENOSPC, or to stop the process
+between two steps, and so check that nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -56,7 +68,9 @@ _WRITE_BUFFER = 256 * 1024
 def storage_error(exc: OSError, doing: str) -> StorageError:
     """A :class:`StorageError` for *exc*, raised while *doing* ("writing /x/y")."""
     reason = exc.strerror or str(exc)
-    return StorageError(f"{doing}: {reason}", disk_full=exc.errno in DISK_FULL_ERRNOS)
+    error = StorageError(f"{doing}: {reason}", disk_full=exc.errno in DISK_FULL_ERRNOS)
+    error.__cause__ = exc
+    return error
 
 
 class Disk:
@@ -72,10 +86,11 @@ class Disk:
 
     def write(self, fd: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of *data* (``os.write`` may write less than asked)."""
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        written = os.write(fd, data)
+        if written < len(data):
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(fd, view) :]
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
@@ -112,20 +127,27 @@ class DurableFile:
 
         with DurableFile(disk, "/q/incoming/X.tmp") as f:
             f.write(b"...")
-            f.commit("/q/active/X")   # fsync, close, rename
-        dirsync.add("/q/active")     # the caller registers the directory the name went into
+            f.commit("/q/active/X", dirsync)   # in a job: fsync, rename, fsync of /q/active
+                                               # happen at the end of the round
 
-    Leaving the ``with`` block without :meth:`commit` (or :meth:`commit` failing) closes and
-    unlinks the temporary file. ``OSError`` is raised as :class:`StorageError`.
+    ``commit(final_path)`` without a :class:`DirSync` does it all at once (fsync, close, rename)
+    and leaves the directory to the caller. Leaving the ``with`` block without :meth:`commit` (or
+    :meth:`commit` failing) closes and unlinks the temporary file. ``OSError`` is raised as
+    :class:`StorageError`.
     """
+
+    __slots__ = ("_buffer", "_disk", "_fd", "_handed", "durable", "final_path", "size", "tmp_path")
 
     def __init__(self, disk: Disk, tmp_path: str) -> None:
         self._disk = disk
         self.tmp_path = tmp_path
+        self.final_path: str | None = None
         self.size = 0
         self._buffer = bytearray()
         self._fd: int | None = None
-        self._committed = False
+        self._handed = False  # committed, or handed to a round: __exit__ leaves it alone
+        #: True once the file is in place and its directory fsynced.
+        self.durable = False
         try:
             self._fd = disk.create(tmp_path)
         except OSError as exc:
@@ -140,7 +162,7 @@ class DurableFile:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._committed:
+        if not self._handed:
             self.abort()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -165,25 +187,52 @@ class DurableFile:
         except OSError as exc:
             raise storage_error(exc, f"writing {self.tmp_path}") from exc
 
-    def commit(self, final_path: str) -> None:
-        """Flush, fsync, close, then rename to *final_path*. The caller registers its directory."""
+    def commit(self, final_path: str, dirsync: DirSync | None = None) -> None:
+        """Make the file durable under *final_path*.
+
+        With *dirsync* (in a job) the data is written now and the rest is left to the round:
+        fsync, close, rename, then fsync of *final_path*'s directory, which the round registers
+        itself; a failure there fails the job. Without, fsync, close and rename happen now and
+        the caller registers the directory.
+        """
         self._flush()
+        assert self._fd is not None, "commit after close"
+        self.final_path = final_path
+        if dirsync is not None:
+            dirsync._files.append(self)
+            self._handed = True
+            return
+        error = self._sync() or self._rename()
+        if error is not None:
+            raise error
+        self._handed = True
+
+    def _sync(self) -> StorageError | None:
+        """fsync and close (phase 2); the error, if any. The fd is closed either way."""
         fd = self._fd
-        assert fd is not None, "commit after close"
+        assert fd is not None
+        self._fd = None
         try:
             self._disk.fsync(fd)
         except OSError as exc:
-            raise storage_error(exc, f"fsync of {self.tmp_path}") from exc
-        self._fd = None
+            try:
+                self._disk.close(fd)
+            except OSError:
+                pass
+            return storage_error(exc, f"fsync of {self.tmp_path}")
         try:
             self._disk.close(fd)
         except OSError as exc:  # NFS reports late write errors at close
-            raise storage_error(exc, f"closing {self.tmp_path}") from exc
+            return storage_error(exc, f"closing {self.tmp_path}")
+        return None
+
+    def _rename(self) -> StorageError | None:
+        assert self.final_path is not None
         try:
-            self._disk.rename(self.tmp_path, final_path)
+            self._disk.rename(self.tmp_path, self.final_path)
         except OSError as exc:
-            raise storage_error(exc, f"renaming {self.tmp_path} to {final_path}") from exc
-        self._committed = True
+            return storage_error(exc, f"renaming {self.tmp_path} to {self.final_path}")
+        return None
 
     def abort(self) -> None:
         """Close and remove the temporary file; never raises."""
@@ -200,22 +249,84 @@ class DurableFile:
 
 
 class DirSync:
-    """The directories one job changed (created or renamed entries in); fsynced after the job."""
+    """What one job leaves to the end of its round: files to commit, directories to fsync."""
 
-    __slots__ = ("_paths",)
+    __slots__ = ("_files", "_paths")
 
     def __init__(self) -> None:
         self._paths: dict[str, None] = {}
+        self._files: list[DurableFile] = []
 
     def add(self, path: str | os.PathLike[str]) -> None:
+        """Fsync directory *path* at the end of the round (the job changed its entries)."""
         self._paths[os.fspath(path)] = None
 
     @property
     def paths(self) -> list[str]:
+        """The directories registered with :meth:`add`."""
         return list(self._paths)
+
+    @property
+    def files(self) -> list[DurableFile]:
+        """The files handed to the round with ``DurableFile.commit(final, dirsync)``."""
+        return list(self._files)
+
+    def durable(self, final_path: str | os.PathLike[str]) -> bool:
+        """Whether the file handed over for *final_path* made it (once the round is over)."""
+        path = os.fspath(final_path)
+        return any(f.durable and f.final_path == path for f in self._files)
 
 
 Job = Callable[[DirSync], T]
+
+
+def finish_round(disk: Disk, syncs: list[DirSync], errors: list[BaseException | None]) -> None:
+    """Phase 2 of a round: commit the files of job ``i`` (``syncs[i]``), sync the directories.
+
+    ``errors[i]`` is job ``i``'s failure so far (None: it succeeded) and is updated in place.
+    Files of a job that has failed are discarded (temporary file removed), never renamed.
+    """
+    pending: list[tuple[int, DurableFile]] = []
+    for index, dirsync in enumerate(syncs):
+        if dirsync._files:
+            if errors[index] is None:
+                pending.extend((index, f) for f in dirsync._files)
+            else:
+                for file in dirsync._files:
+                    file.abort()
+    for index, file in pending:
+        if errors[index] is None:  # else it is closed and removed below, unsynced
+            errors[index] = file._sync()
+    users: dict[str, list[int]] = {}
+    renamed: list[tuple[str, DurableFile]] = []
+    for index, file in pending:
+        if errors[index] is None:
+            errors[index] = file._rename()
+            if errors[index] is None:
+                assert file.final_path is not None
+                directory = os.path.dirname(file.final_path)
+                users.setdefault(directory, []).append(index)
+                renamed.append((directory, file))
+                continue
+        file.abort()  # this job failed: what is not in place yet never will be
+    for index, dirsync in enumerate(syncs):
+        # A job that failed may still have changed directories (a mkdir, an unlink):
+        # what it registered is synced too, so what it did is durable.
+        for path in dirsync._paths:
+            users.setdefault(path, []).append(index)
+    synced: set[str] = set()
+    for path, indexes in users.items():
+        try:
+            disk.fsync_dir(path)
+        except OSError as exc:
+            for index in indexes:
+                if errors[index] is None:  # a job that failed keeps its own error
+                    errors[index] = storage_error(exc, f"fsync of directory {path}")
+            continue
+        synced.add(path)
+    for directory, file in renamed:
+        if directory in synced:
+            file.durable = True
 
 
 @dataclass(slots=True)
@@ -250,15 +361,9 @@ class Committer:
     ``rounds`` and ``jobs_done`` count the work done, so a test can see the batching.
     """
 
-    def __init__(
-        self, *, disk: Disk = DEFAULT_DISK, name: str = "postroom-committer", workers: int = 1
-    ) -> None:
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
+    def __init__(self, *, disk: Disk = DEFAULT_DISK, name: str = "postroom-committer") -> None:
         self._disk = disk
         self._name = name
-        self._workers = workers
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._cond = threading.Condition()
         self._pending: collections.deque[_Item[Any]] = collections.deque()
         self._thread: threading.Thread | None = None
@@ -275,10 +380,6 @@ class Committer:
             if self._thread is not None:
                 raise RuntimeError("committer already started")
             self._stopping = False
-            if self._workers > 1:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self._workers, thread_name_prefix=f"{self._name}-worker"
-                )
             self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
             self._thread.start()
 
@@ -294,15 +395,12 @@ class Committer:
             self._stopping = True
             self._cond.notify()
         thread.join()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
         with self._cond:
             self._thread = None
             self._stopping = False
 
     def submit(self, job: Job[T]) -> asyncio.Future[T]:
-        """Queue *job* for the next round; the future resolves once its directories are synced."""
+        """Queue *job* for the next round; the future resolves once its work is durable."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._enqueue(_Item(job, loop, future))
@@ -312,20 +410,15 @@ class Committer:
         """Run *job* durably and return its value; blocks. Never call it from a coroutine.
 
         While the thread runs, the job goes through it (so durable work stays in one thread);
-        otherwise, or from a job itself, it runs in the calling thread.
+        otherwise, or from a job itself, it runs in the calling thread as a round of its own.
         """
         if self._thread is None or getattr(_in_job, "active", False):
-            dirsync = DirSync()
-            try:
-                value = _run_job(job, dirsync)
-            except Exception:
-                try:
-                    sync_dirs(self._disk, dirsync.paths)
-                except StorageError:
-                    pass  # the job's own error says more
-                raise
-            sync_dirs(self._disk, dirsync.paths)
-            return value
+            ok, value, dirsync = _run_job(job)
+            errors: list[BaseException | None] = [None if ok else value]
+            finish_round(self._disk, [dirsync], errors)
+            if errors[0] is not None:
+                raise errors[0]
+            return value  # type: ignore[no-any-return]
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._enqueue(_Item(job, None, future))
         return future.result()
@@ -361,67 +454,43 @@ class Committer:
                 _deliver(item, False, StorageError("the committer thread stopped"))
 
     def _round(self, batch: list[_Item[Any]]) -> None:
-        # With workers, the round's jobs (and then its directory fsyncs) run side by side: the
-        # file system merges concurrent fsyncs into fewer journal commits.
-        pool = self._pool if len(batch) > 1 else None
-        done = list(pool.map(_run_item, batch) if pool else map(_run_item, batch))
-        users: dict[str, list[int]] = {}
-        for index, (_, _, paths) in enumerate(done):
-            # A job that failed may still have made files (say, Maildir copies before its queue
-            # file failed): what it registered is synced too, so what it reports is true.
-            for path in paths:
-                users.setdefault(path, []).append(index)
-        results = [(ok, value) for ok, value, _ in done]
-        dirs = list(users)
-        pool = self._pool if len(dirs) > 1 else None
-        failures = list(pool.map(self._sync_dir, dirs) if pool else map(self._sync_dir, dirs))
-        for path, failure in zip(dirs, failures, strict=True):
-            if failure is None:
-                continue
-            for index in users[path]:
-                if results[index][0]:  # a job that failed keeps its own error
-                    error = storage_error(failure, f"fsync of directory {path}")
-                    error.__cause__ = failure
-                    results[index] = (False, error)
+        # Phase 1: every job creates and writes its files, one after the other.
+        done = [_run_job(item.job) for item in batch]
+        errors: list[BaseException | None] = [None if ok else value for ok, value, _ in done]
+        # Phase 2: fsync every file, rename each into place, fsync each directory once.
+        finish_round(self._disk, [dirsync for _, _, dirsync in done], errors)
         self.rounds += 1
         self.jobs_done += len(batch)
         by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
-        for item, (ok, value) in zip(batch, results, strict=True):
+        for item, (_, value, _), error in zip(batch, done, errors, strict=True):
+            ok = error is None
             if item.loop is None:
-                _deliver(item, ok, value)
+                _deliver(item, ok, value if ok else error)
             else:
                 assert isinstance(item.future, asyncio.Future)
-                by_loop.setdefault(item.loop, []).append((item.future, ok, value))
+                by_loop.setdefault(item.loop, []).append(
+                    (item.future, ok, value if ok else error)
+                )
         for loop, outcomes in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_settle, outcomes)
             except RuntimeError:
                 pass  # that loop is closed: nobody is waiting any more
 
-    def _sync_dir(self, path: str) -> OSError | None:
-        try:
-            self._disk.fsync_dir(path)
-        except OSError as exc:
-            return exc
-        return None
 
-
-def _run_item(item: _Item[Any]) -> tuple[bool, Any, list[str]]:
+def _run_job(job: Job[T]) -> tuple[bool, Any, DirSync]:
+    """Phase 1 of one job: (True, value, dirsync) or (False, exception, dirsync)."""
     dirsync = DirSync()
+    active = getattr(_in_job, "active", False)
     _in_job.active = True
     try:
-        return True, _run_job(item.job, dirsync), dirsync.paths
-    except Exception as exc:
-        return False, exc, dirsync.paths
-    finally:
-        _in_job.active = False
-
-
-def _run_job(job: Job[T], dirsync: DirSync) -> T:
-    try:
-        return job(dirsync)
+        return True, job(dirsync), dirsync
     except OSError as exc:
-        raise storage_error(exc, "durable write") from exc
+        return False, storage_error(exc, "durable write"), dirsync
+    except Exception as exc:
+        return False, exc, dirsync
+    finally:
+        _in_job.active = active
 
 
 def _deliver(item: _Item[Any], ok: bool, value: Any) -> None:

@@ -5,7 +5,10 @@ queue and works on each message with recipients due. For a local recipient:
 
 1. the attempt is recorded first (``attempts`` + 1, ``next_attempt`` = now + backoff) and made
    durable, so a crash during the delivery cannot lose count of it or retry in a tight loop;
-2. the message is written into the Maildir through the committer (one copy per Maildir);
+2. the message is written into the Maildir through the committer (one copy per Maildir). A copy
+   that cannot be created or written fails its own recipients only; one that the round then
+   cannot fsync or rename fails the whole attempt, and its other copies are dropped too unless
+   already renamed into place (a retry may then duplicate one, which RFC 5321 6.1 prefers);
 3. the outcome is recorded: DELIVERED, or DEFERRED with the reason; and once the message has been
    in the queue longer than ``queue.max_lifetime``, a failure is final: BOUNCED (RFC 3463 5.4.7).
 

@@ -15,13 +15,17 @@ sessions share fsyncs (group commit, see :mod:`postroom.queue.committer`):
 * fast path: each local recipient whose quota allows it gets the message written straight into
   its Maildir (``Return-Path``, ``Delivered-To``, our Received header, the message). That file is
   the durable copy; the recipient is DELIVERED. Recipients sharing a Maildir share one copy.
-* every other recipient (remote, over quota, a Maildir write that failed) goes into one queue file,
-  written in ``incoming/``, fsynced and renamed into ``active/``.
+* every other recipient (remote, over quota, a Maildir copy that could not be created or written)
+  goes into one queue file, written in ``incoming/`` and renamed into ``active/``.
 
-If the queue file cannot be written, :class:`AcceptError` (a :class:`StorageError`: 451 4.3.0,
-or 452 4.3.1 when the disk is full) is raised and no queue file is left; it still says which
-recipients were delivered, as they were (RFC 5321 6.1 prefers the duplicate that the client's
-retry brings to a lost message).
+The job only creates and writes the files; the committer's round fsyncs them, renames them into
+place and fsyncs their directories. So a failure there cannot fall back to the queue file any more:
+it fails the whole job, and no file of it is committed where that can still be helped.
+
+When the job fails, :class:`AcceptError` (a :class:`StorageError`: 451 4.3.0, or 452 4.3.1 when
+the disk is full) is raised and no queue file is left; the client retries (RFC 5321 6.1 prefers
+the duplicate that may bring to a lost message). The error's result lists only the Maildir copies
+that are durable all the same. Every ``status=sent`` line is logged once its file is durable.
 """
 
 from __future__ import annotations
@@ -237,8 +241,8 @@ class AcceptResult:
 class AcceptError(StorageError):
     """Acceptance failed (answer 451 4.3.0, or 452 4.3.1 when ``disk_full``).
 
-    :attr:`result` lists the recipients delivered anyway: the fast path had written their
-    Maildir copies before the queue file (or a directory fsync) failed.
+    :attr:`result` lists the recipients delivered anyway: Maildir copies that were made durable
+    before another step of the job failed (rare: a rename or a directory fsync failing).
     """
 
     def __init__(self, cause: StorageError, result: AcceptResult) -> None:
@@ -252,6 +256,20 @@ class _AcceptState:
 
     outcomes: list[RecipientOutcome] = field(default_factory=list)
     queue_file: Path | None = None
+    dirsync: DirSync | None = None  # the job's: which of its files made it
+
+    def result(self, queue_id: str, *, ok: bool) -> AcceptResult:
+        """What is true once the round is over: everything if the job succeeded, else only the
+        Maildir copies that are durable anyway (the queue file is dropped on failure)."""
+        if ok:
+            return AcceptResult(queue_id, tuple(self.outcomes), self.queue_file)
+        dirsync = self.dirsync
+        kept = tuple(
+            o
+            for o in self.outcomes
+            if o.delivered is not None and dirsync is not None and dirsync.durable(o.delivered)
+        )
+        return AcceptResult(queue_id, kept, None)
 
 
 def log_removed(queue_id: str) -> None:
@@ -369,13 +387,17 @@ class Spool:
         except BaseException as exc:
             message.discard()
             self._drop_queue_file(state)
-            result = AcceptResult(envelope.queue_id, tuple(state.outcomes), None)
+            result = state.result(envelope.queue_id, ok=False)
             self._log_outcomes(envelope, result.delivered)
             if isinstance(exc, StorageError):
                 raise AcceptError(exc, result) from exc
             raise
+        # The round is over: every file of the job is durable, and only now is it said so.
         message.discard()
-        result = AcceptResult(envelope.queue_id, tuple(state.outcomes), state.queue_file)
+        result = state.result(envelope.queue_id, ok=True)
+        for outcome in result.outcomes:
+            if outcome.delivered is not None:
+                outcome.recipient.state = RecipientState.DELIVERED
         self._log_outcomes(envelope, result.outcomes)
         if result.queue_file is None:
             log_removed(envelope.queue_id)
@@ -394,7 +416,8 @@ class Spool:
         message.discard()
         error = None if future.cancelled() else future.exception()
         self._drop_queue_file(state)
-        self._log_outcomes(envelope, [o for o in state.outcomes if o.delivered is not None])
+        result = state.result(envelope.queue_id, ok=error is None and not future.cancelled())
+        self._log_outcomes(envelope, result.delivered)
         log.event(
             envelope.queue_id,
             logging.WARNING,
@@ -443,9 +466,15 @@ class Spool:
         state: _AcceptState,
         dirsync: DirSync,
     ) -> None:
-        """Runs on the committer thread: Maildir copies first, then one queue file if needed."""
+        """Runs on the committer thread: Maildir copies first, then one queue file if needed.
+
+        Phase 1 of the round: the files are written here and committed by the round. A recipient
+        is set DELIVERED by :meth:`accept` once that has happened.
+        """
+        state.dirsync = dirsync
         copies: dict[Path, Path] = {}
         failures: dict[Path, tuple[str, str]] = {}  # Maildir -> (error, dsn): tried once only
+        copied: set[int] = set()  # id() of each recipient served by a Maildir copy
         for recipient in envelope.recipients:
             if recipient.state is not RecipientState.PENDING:
                 continue
@@ -465,9 +494,9 @@ class Spool:
                     self._defer(recipient, state, *failures[dest.maildir])
                     continue
                 copies[dest.maildir] = copy
-            recipient.state = RecipientState.DELIVERED
+            copied.add(id(recipient))
             state.outcomes.append(RecipientOutcome(recipient, delivered=copy, dsn="2.0.0"))
-        waiting = [r for r in envelope.recipients if not r.state.done]
+        waiting = [r for r in envelope.recipients if not r.state.done and id(r) not in copied]
         if not waiting:
             return
         queued = dataclasses.replace(envelope, recipients=waiting)
@@ -515,8 +544,7 @@ class Spool:
             out.write(prepend)
             for chunk in message.chunks():
                 out.write(chunk)
-            out.commit(str(final))
-        dirsync.add(self.active)
+            out.commit(str(final), dirsync)
         return final
 
     def _temp_name(self, queue_id: str) -> str:
@@ -560,9 +588,10 @@ class Spool:
     def update_envelope(self, path: Path, envelope: Envelope, dirsync: DirSync) -> None:
         """Replace the envelope line of queue file *path*, atomically (run it in a job).
 
-        Writes a new file (new envelope line, then the old file's message data) in ``incoming/``,
-        fsyncs it and renames it over *path*: after a crash the file holds either the old or the
-        new envelope, never a mix. The message data is copied, so this costs its size in writes.
+        Writes a new file (new envelope line, then the old file's message data) in ``incoming/``;
+        the round fsyncs it and renames it over *path*: after a crash the file holds either the old
+        or the new envelope, never a mix. The message data is copied, so this costs its size in
+        writes. Two updates of one file must not share a round (each reads the file as it was).
         """
         try:
             source = open(path, "rb")  # noqa: SIM115 closed by the with below
@@ -577,8 +606,7 @@ class Spool:
                     out.write(block)
             except OSError as exc:
                 raise storage_error(exc, f"reading {path}") from exc
-            out.commit(str(path))
-        dirsync.add(path.parent)
+            out.commit(str(path), dirsync)
 
     def read_body(self, path: Path) -> Iterator[bytes]:
         """The Received header and message in a queue file (CRLF), in blocks."""
