@@ -36,16 +36,21 @@ def free_port() -> int:
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Wait for the server's 220 banner: the port listens before the event loop (and its signal
+    handlers) run, so an open port alone does not mean ready."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                if sock.recv(512).startswith(b"220 "):
+                    sock.sendall(b"QUIT\r\n")
+                    return
         except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} did not open")
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not greet")
 
 
 @dataclass

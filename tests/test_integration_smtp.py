@@ -521,8 +521,10 @@ def test_two_worker_processes_share_the_work_and_the_limits(tmp_path: Path) -> N
     handle.start()
     try:
         assert handle.proc is not None
-        workers = Path(f"/proc/{handle.proc.pid}/task/{handle.proc.pid}/children").read_text().split()
-        assert len(workers) == 2
+        children = Path(f"/proc/{handle.proc.pid}/task/{handle.proc.pid}/children")
+        handle.wait_for(lambda: len(children.read_text().split()) == 2)
+        handle.wait_for(lambda: handle.log().count("postroom ready") == 2)
+        workers = children.read_text().split()
         # The per-IP limit counts connections in both workers together.
         held = [Raw(handle.port) for _ in range(3)]
         assert all(c.reply().startswith(b"220") for c in held)
@@ -539,8 +541,7 @@ def test_two_worker_processes_share_the_work_and_the_limits(tmp_path: Path) -> N
         # A worker killed outright is replaced; its connections no longer count.
         os.kill(int(workers[0]), signal.SIGKILL)
         handle.wait_for(lambda: "starting a new one" in handle.log())
-        handle.wait_for(lambda: len(Path(f"/proc/{handle.proc.pid}/task/{handle.proc.pid}/children")
-                                    .read_text().split()) == 2)
+        handle.wait_for(lambda: len(children.read_text().split()) == 2)
         again = [Raw(handle.port) for _ in range(3)]
         assert all(c.reply().startswith(b"220") for c in again)
     finally:

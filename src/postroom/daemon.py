@@ -193,6 +193,9 @@ def _setup_logging(config: Config) -> None:
 
 
 def serve(config: Config) -> None:
+    # Until the event loop installs its handler, a SIGHUP (the default action ends the process)
+    # is ignored: the configuration was only just read.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _setup_logging(config)
     sockets = [bind_listener(listener) for listener in config.listeners()]
     drop_privileges(config)
@@ -224,6 +227,7 @@ class Supervisor:
                 signal.pthread_sigmask(signal.SIG_SETMASK, set())
                 for sig in _MASTER_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop handles it
                 self.counts.worker = worker
                 _setup_logging(self.config)
                 _run(Daemon(self.config, self.sockets, worker=worker, counts=self.counts).run())
