@@ -33,3 +33,30 @@ def test_lines_to_file_text_and_json(tmp_path: Path) -> None:
         log.logger.removeHandler(handler)
         handler.close()
     log.logger.setLevel(logging.WARNING)
+
+
+def test_lines_logged_in_one_loop_iteration_are_written_together(tmp_path: Path) -> None:
+    import asyncio
+
+    path = tmp_path / "mail.log"
+    log.setup(hostname="mx", level="info", json_lines=False, file=path)
+
+    async def burst() -> tuple[str, str]:
+        for n in range(3):
+            log.event(f"ID{n}", status="sent")
+        during = path.read_text()  # nothing written yet: the lines wait for the iteration's end
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return during, path.read_text()
+
+    during, after = asyncio.run(burst())
+    log.event("LAST", status="sent")  # no loop: written at once
+    try:
+        assert during == ""
+        assert [line.split(": ")[1] for line in after.splitlines()] == ["ID0", "ID1", "ID2"]
+        assert path.read_text().splitlines()[-1].endswith("LAST: status=sent")
+    finally:
+        for handler in list(log.logger.handlers):
+            log.logger.removeHandler(handler)
+            handler.close()
+        log.logger.setLevel(logging.WARNING)

@@ -199,10 +199,13 @@ def serve(config: Config) -> None:
     _setup_logging(config)
     sockets = [bind_listener(listener) for listener in config.listeners()]
     drop_privileges(config)
-    if config.server.workers == 1:
-        _run(Daemon(config, sockets).run())
-        return
-    Supervisor(config, sockets).run()
+    try:
+        if config.server.workers == 1:
+            _run(Daemon(config, sockets).run())
+        else:
+            Supervisor(config, sockets).run()
+    finally:
+        log.flush()
 
 
 _MASTER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
@@ -235,6 +238,7 @@ class Supervisor:
                 log.logger.exception("worker %d failed", worker)
                 code = 1
             finally:
+                log.flush()
                 os._exit(code)
         self.children[pid] = worker
         log.logger.info("started worker %d (pid %d)", worker, pid)

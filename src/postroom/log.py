@@ -14,6 +14,8 @@ Use :func:`event` for message events: the fields keep their order and their Post
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -65,9 +67,15 @@ class _TextFormatter(logging.Formatter):
         super().__init__()
         self.hostname = hostname
         self.pid = os.getpid()
+        self._second = -1
+        self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(record.created))
+        second = int(record.created)
+        if second != self._second:  # one strftime per second, not per line
+            self._second = second
+            self._stamp = time.strftime("%b %d %H:%M:%S", time.localtime(second))
+        stamp = self._stamp
         component = getattr(record, "pr_component", "postroom")
         text = record.getMessage()
         if record.levelno >= logging.WARNING:
@@ -102,6 +110,68 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
+class _LineWriter(logging.Handler):
+    """Writes formatted lines to file descriptors (stderr, the log file).
+
+    Lines logged on a thread that runs an event loop are gathered and written once per loop
+    iteration (``call_soon``), one ``write`` for every line of that iteration instead of one
+    each; a busy server logs several lines per message. Nothing is dropped: lines from other
+    threads, or with no loop, are written at once, and :meth:`flush` writes what is pending.
+    """
+
+    def __init__(self, fds: list[int]) -> None:
+        super().__init__()
+        self._fds = fds
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write([line])
+            return
+        self._pending.append(line)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush_pending)
+
+    def _flush_pending(self) -> None:
+        self._scheduled = False
+        lines, self._pending = self._pending, []
+        if lines:
+            self._write(lines)
+
+    def _write(self, lines: list[str]) -> None:
+        data = "".join(lines).encode("utf-8", "replace")
+        with self.lock if self.lock is not None else contextlib.nullcontext():
+            for fd in self._fds:
+                view = memoryview(data)
+                while view:
+                    try:
+                        view = view[os.write(fd, view):]
+                    except InterruptedError:
+                        continue
+                    except OSError:
+                        break  # a closed stderr must not stop the mail
+
+    def flush(self) -> None:
+        self._flush_pending()
+
+    def close(self) -> None:
+        self._flush_pending()
+        for fd in self._fds[1:]:  # the first is stderr, which is not ours to close
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = self._fds[:1]
+        super().close()
+
+
 def setup(
     *, hostname: str, level: str = "info", json_lines: bool = False, file: Path | None = None
 ) -> None:
@@ -119,10 +189,19 @@ def setup(
         old.close()
     logger.propagate = False
     logger.setLevel(level.upper())
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(formatter)
-    logger.addHandler(stream)
+    try:
+        stderr = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced sys.stderr (tests, embedding)
+        stderr = 2
+    fds = [stderr]
     if file is not None:
-        handler = logging.FileHandler(file, encoding="utf-8")
-        handler.setFormatter(formatter)
-        logger.addHandler(handler)
+        fds.append(os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+    handler = _LineWriter(fds)
+    handler.setFormatter(formatter)
+    logger.addHandler(handler)
+
+
+def flush() -> None:
+    """Write every pending line (before the process exits)."""
+    for handler in logger.handlers:
+        handler.flush()
