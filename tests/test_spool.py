@@ -27,10 +27,10 @@ from postroom.errors import StorageError
 from postroom.policy.routes import LocalDelivery, RemoteDelivery
 from postroom.queue.committer import Committer, Disk
 from postroom.queue.envelope import Envelope, Recipient, RecipientState
+from postroom.queue.incoming import IncomingMessage
 from postroom.queue.spool import (
     AcceptError,
     AcceptResult,
-    IncomingMessage,
     Spool,
     read_envelope,
 )

@@ -30,7 +30,8 @@ from postroom.message.headers import (
 from postroom.policy.router import Router
 from postroom.policy.routes import Destination, LocalDelivery, Rejected
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.spool import IncomingMessage, Spool
+from postroom.queue.incoming import IncomingMessage
+from postroom.queue.spool import Spool
 from postroom.smtp import codes
 from postroom.smtp.codes import Reply
 from postroom.smtp.events import EndOfData, MailFrom, RcptTo, Vrfy
