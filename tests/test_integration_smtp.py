@@ -547,3 +547,26 @@ def test_two_worker_processes_share_the_work_and_the_limits(tmp_path: Path) -> N
     finally:
         assert handle.stop() == 0
     assert "all workers stopped" in handle.log()
+
+
+def test_vrfy_default_and_enabled(tmp_path: Path) -> None:
+    handle = make_server(tmp_path)
+    handle.start()
+    try:
+        with smtp(handle) as client:
+            client.ehlo()
+            assert client.verify("alice@example.com")[0] == 252
+    finally:
+        handle.stop()
+    handle.extra_config = "[smtp]\nvrfy = true\n"
+    handle.write_config()
+    handle.start()
+    try:
+        with smtp(handle) as client:
+            client.ehlo()
+            code, text = client.verify("alice@example.com")
+            assert (code, text) == (250, b"2.1.5 <alice@example.com>")
+            code, text = client.verify("ghost@example.com")
+            assert (code, text[:5]) == (550, b"5.1.1")
+    finally:
+        handle.stop()
