@@ -94,7 +94,9 @@ def _burst(port: int, start: int, count: int, acked: list[int], stop: threading.
         try:
             with smtplib.SMTP("127.0.0.1", port, local_hostname="c.test", timeout=10) as c:
                 while n < start + count and not stop.is_set():
-                    c.sendmail("a@remote.example", ["alice@example.com"],
+                    # Every third message goes to another domain: it is queued, not delivered.
+                    rcpt = "far@remote.example" if n % 3 == 0 else "alice@example.com"
+                    c.sendmail("a@remote.example", [rcpt],
                                b"Subject: crash %d\r\nX-Seq: %d\r\n\r\nbody %d\r\n" % (n, n, n))
                     acked.append(n)
                     n += 1
@@ -104,7 +106,7 @@ def _burst(port: int, start: int, count: int, acked: list[int], stop: threading.
 
 
 def test_sigkill_mid_burst_loses_nothing_answered_250(tmp_path: Path) -> None:
-    handle = make_server(tmp_path)
+    handle = make_server(tmp_path, '[relay]\ntrusted_networks = ["127.0.0.0/8"]\n')
     acked: list[int] = []
     rng = random.Random(5321)
     rounds, per_thread, threads_n = 5, 400, 4
@@ -132,11 +134,16 @@ def test_sigkill_mid_burst_loses_nothing_answered_250(tmp_path: Path) -> None:
         assert m, path
         seen[int(m.group(1))] = seen.get(int(m.group(1)), 0) + 1
     queued = list((handle.data_dir / "queue" / "active").glob("*"))
+    for path in queued:
+        m = re.search(rb"X-Seq: (\d+)", path.read_bytes())
+        assert m, path
+        seen[int(m.group(1))] = seen.get(int(m.group(1)), 0) + 1
     lost = [n for n in acked if n not in seen]
     duplicates = {n: c for n, c in seen.items() if c > 1}
     print(f"acked={len(acked)} delivered={len(seen)} duplicates={len(duplicates)} "
           f"queued={len(queued)}")
     assert len(acked) > 100
+    assert len(queued) >= len([n for n in acked if n % 3 == 0]) > 10
     assert lost == []
     assert not duplicates
 
