@@ -157,6 +157,15 @@ class QueueSection(_Section):
     scan_interval: Annotated[float, Field(gt=0)] = 60.0
 
 
+class TlsSection(_Section):
+    """Certificate for STARTTLS. Both unset: a self-signed one is made in ``data_dir/tls``."""
+
+    cert_file: Path | None = None  # PEM, the certificate followed by its chain
+    key_file: Path | None = None  # PEM private key; read before privileges are dropped
+    #: Offer STARTTLS on ``mx`` listeners (RFC 3207).
+    starttls: bool = True
+
+
 class PasswordSection(_Section):
     """argon2id cost. The defaults are RFC 9106's second recommended option."""
 
@@ -172,6 +181,7 @@ class Config(_Section):
     relay: RelaySection = Field(default_factory=RelaySection)
     delivery: DeliverySection = Field(default_factory=DeliverySection)
     queue: QueueSection = Field(default_factory=QueueSection)
+    tls: TlsSection = Field(default_factory=TlsSection)
     passwords: PasswordSection = Field(default_factory=PasswordSection)
     #: The file this came from, for messages; None for embedded defaults.
     source: Path | None = None

@@ -18,6 +18,7 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Coroutine
@@ -32,6 +33,7 @@ from postroom.delivery.maildir import MaildirUsage
 from postroom.errors import ConfigError
 from postroom.net.limits import ConnectionCounts, SharedCounts
 from postroom.net.server import SmtpServer, bind_listener
+from postroom.net.tls import server_context
 from postroom.policy.router import Router
 from postroom.queue.committer import Committer
 from postroom.queue.runner import QueueRunner
@@ -112,11 +114,13 @@ class Daemon:
         *,
         worker: int = 0,
         counts: ConnectionCounts | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.sockets = sockets
         self.worker = worker
         self.counts = counts
+        self.tls_context = tls_context
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -131,7 +135,7 @@ class Daemon:
                       first_retry=config.queue.min_backoff)
         runner = QueueRunner(spool, committer, config)
         receiver = Receiver(receive_settings(config), router, spool)
-        server = SmtpServer(config, receiver, self.counts)
+        server = SmtpServer(config, receiver, self.counts, self.tls_context)
         self._reload_targets = (server, receiver, router, runner)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
@@ -164,6 +168,10 @@ class Daemon:
         if new.listeners() != old.listeners() or new.server.data_dir != old.server.data_dir:
             log.logger.warning("reload: listener or data_dir changes need a restart")
         server, receiver, router, runner = self._reload_targets
+        try:
+            server.tls_context = tls_context(new)  # new certificates, for new sessions
+        except ConfigError as exc:
+            log.logger.error("reload: keeping the TLS certificate in use: %s", exc)
         server.reconfigure(new)
         receiver.settings = receive_settings(new)
         router.delivery = new.delivery
@@ -183,6 +191,14 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The STARTTLS context, or None when STARTTLS is turned off."""
+    if not config.tls.starttls:
+        return None
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return server_context(config)
+
+
 def _setup_logging(config: Config) -> None:
     log.setup(
         hostname=config.hostname,
@@ -198,12 +214,13 @@ def serve(config: Config) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _setup_logging(config)
     sockets = [bind_listener(listener) for listener in config.listeners()]
+    context = tls_context(config)  # the key may be readable by root only: load it first
     drop_privileges(config)
     try:
         if config.server.workers == 1:
-            _run(Daemon(config, sockets).run())
+            _run(Daemon(config, sockets, tls_context=context).run())
         else:
-            Supervisor(config, sockets).run()
+            Supervisor(config, sockets, context).run()
     finally:
         log.flush()
 
@@ -215,9 +232,12 @@ class Supervisor:
     """With ``server.workers`` > 1: fork the workers, pass SIGTERM/SIGHUP on to them, and start
     a new worker when one dies unexpectedly (its connection counts are reset)."""
 
-    def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+    def __init__(
+        self, config: Config, sockets: list[socket.socket], context: ssl.SSLContext | None
+    ) -> None:
         self.config = config
         self.sockets = sockets
+        self.context = context
         self.counts = SharedCounts(config.server.workers)
         self.children: dict[int, int] = {}  # pid -> worker index
         self.stopping = False
@@ -233,7 +253,9 @@ class Supervisor:
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop handles it
                 self.counts.worker = worker
                 _setup_logging(self.config)
-                _run(Daemon(self.config, self.sockets, worker=worker, counts=self.counts).run())
+                daemon = Daemon(self.config, self.sockets, worker=worker, counts=self.counts,
+                                tls_context=self.context)
+                _run(daemon.run())
             except BaseException:
                 log.logger.exception("worker %d failed", worker)
                 code = 1

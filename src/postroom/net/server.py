@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 
@@ -57,9 +58,15 @@ class SmtpServer:
     """Every SMTP listener of one process and the sessions they accepted."""
 
     def __init__(
-        self, config: Config, receiver: Receiver, counts: ConnectionCounts | None = None
+        self,
+        config: Config,
+        receiver: Receiver,
+        counts: ConnectionCounts | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.receiver = receiver
+        #: Offered as STARTTLS to new sessions; None: no STARTTLS. Replaced on reload.
+        self.tls_context = tls_context
         self.sessions: set[SmtpSession] = set()
         self.counts: ConnectionCounts = counts if counts is not None else LocalCounts()
         self.shutting_down = False

@@ -12,10 +12,12 @@ RFC 5321 4.5.3.2 limits once a second, which costs nothing per read.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from typing import TYPE_CHECKING
 
 from postroom import log
+from postroom.net.tls import describe
 from postroom.receive import Client, Transaction
 from postroom.smtp import codes
 from postroom.smtp.codes import Reply
@@ -31,6 +33,7 @@ from postroom.smtp.events import (
     RcptTo,
     Request,
     Reset,
+    StartTls,
     Vrfy,
 )
 from postroom.smtp.server import ServerConnection
@@ -46,6 +49,7 @@ class SmtpSession(asyncio.Protocol):
     __slots__ = (
         "_paused",
         "_pending",
+        "_upgrade",
         "client",
         "conn",
         "last_activity",
@@ -62,6 +66,7 @@ class SmtpSession(asyncio.Protocol):
         self.txn: Transaction | None = None
         self._pending: asyncio.Task[None] | None = None
         self._paused = False
+        self._upgrade = False  # 220 to STARTTLS queued: start TLS once it is written
         self.last_activity = time.monotonic()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -80,6 +85,8 @@ class SmtpSession(asyncio.Protocol):
         else:
             self.client.may_relay = self.server.may_relay(address)
             log.logger.info("connect from %s", self.client.describe())
+            if self.server.tls_context is not None:
+                self.conn.extensions.append("STARTTLS")
             self.conn.start()
         self._flush()
 
@@ -120,6 +127,10 @@ class SmtpSession(asyncio.Protocol):
             else:
                 self._observe(event)
         self._flush()
+        if self._upgrade:
+            self._upgrade = False
+            self._start_tls()
+            return
         if self.transport is not None and not self.transport.is_closing():
             if conn.buffered > _PAUSE_ABOVE and not self._paused:
                 self._paused = True
@@ -152,6 +163,11 @@ class SmtpSession(asyncio.Protocol):
             return Reply(250, None, f"{self.server.hostname}")
         if isinstance(event, Vrfy):
             return receiver.vrfy(client, event)
+        if isinstance(event, StartTls):
+            if self.server.tls_context is None:
+                return Reply(454, "4.7.0", "TLS not available due to temporary reason")
+            self._upgrade = True
+            return Reply(220, "2.0.0", "Ready to start TLS")
         return codes.NOT_IMPLEMENTED
 
     def _observe(self, event: object) -> None:
@@ -189,6 +205,37 @@ class SmtpSession(asyncio.Protocol):
         self.conn.respond(reply)
         if self.server.shutting_down and not self.conn.in_transaction:
             self.conn.shutdown()
+        self._pump()
+
+    def _start_tls(self) -> None:
+        """The 220 is written: hand the socket to TLS (RFC 3207). Nothing more is read in
+        plaintext: reading pauses now and resumes inside TLS."""
+        transport = self.transport
+        context = self.server.tls_context
+        if transport is None or transport.is_closing() or context is None:
+            return
+        transport.pause_reading()
+        self._pending = asyncio.get_running_loop().create_task(self._handshake(transport, context))
+
+    async def _handshake(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            secure = await loop.start_tls(transport, self, context, server_side=True,
+                                          ssl_handshake_timeout=self.server.config.smtp.command_timeout)
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            log.logger.info("TLS handshake failed from %s: %s", self.client.describe(), exc)
+            self._pending = None
+            transport.abort()
+            return
+        self._pending = None
+        if secure is None:  # the connection went away during the handshake
+            return
+        self.transport = secure
+        self.client.tls = describe(secure.get_extra_info("ssl_object"))
+        self.client.helo = ""
+        log.logger.info("TLS established from %s: %s", self.client.describe(), self.client.tls)
+        self.conn.tls_established()
+        self.last_activity = time.monotonic()
         self._pump()
 
     def _drop_transaction(self) -> None:

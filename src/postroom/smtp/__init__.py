@@ -28,6 +28,7 @@ from postroom.smtp.events import (
     RcptTo,
     Request,
     Reset,
+    StartTls,
     Vrfy,
 )
 from postroom.smtp.server import (
@@ -59,6 +60,7 @@ __all__ = [
     "Reset",
     "ServerConnection",
     "ServerSettings",
+    "StartTls",
     "State",
     "Vrfy",
 ]

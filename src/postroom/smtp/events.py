@@ -74,6 +74,14 @@ class Vrfy(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls(Request):
+    """STARTTLS (RFC 3207). Answer 220 to go ahead: the core then discards any input the client
+    pipelined after the command, waits in WAIT_TLS, and the transport calls
+    :meth:`~postroom.smtp.server.ServerConnection.tls_established` after the handshake.
+    Answer 454 4.7.0 when TLS cannot be offered now."""
+
+
+@dataclass(frozen=True, slots=True)
 class EndOfData(Request):
     """The message is complete. The transaction ends with the answer, whatever its code."""
 

@@ -1,8 +1,9 @@
 """The sans-I/O SMTP server: bytes in, events out; replies in, bytes out (RFC 5321, ESMTP).
 
-Commands: HELO, EHLO, MAIL, RCPT, DATA, BDAT (RFC 3030), RSET, NOOP, VRFY, HELP, QUIT. EHLO
-offers SIZE (RFC 1870), PIPELINING (RFC 2920), 8BITMIME (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034),
-SMTPUTF8 (RFC 6531), CHUNKING (RFC 3030) and DSN (RFC 3461), plus ``extensions``. STARTTLS, AUTH,
+Commands: HELO, EHLO, MAIL, RCPT, DATA, BDAT (RFC 3030), RSET, NOOP, VRFY, HELP, QUIT, and
+STARTTLS (RFC 3207) when the transport lists it in ``extensions``. EHLO offers SIZE (RFC 1870),
+PIPELINING (RFC 2920), 8BITMIME (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034), SMTPUTF8 (RFC 6531),
+CHUNKING (RFC 3030) and DSN (RFC 3461), plus ``extensions`` (STARTTLS only before TLS). AUTH,
 EXPN, ETRN and the like get 502 5.5.1 until a transport offers them; CONNECT, GET, POST, PUT and
 HEAD (a web client or proxy pointed at us) end the session with 221 2.7.0, as Postfix does.
 
@@ -55,6 +56,7 @@ from postroom.smtp.events import (
     RcptTo,
     Request,
     Reset,
+    StartTls,
     Vrfy,
 )
 from postroom.smtp.params import ParamError, mail_from, rcpt_to
@@ -83,7 +85,7 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters other 
 #: Verbs we know but do not offer: 502 5.5.1 (RFC 5321 4.2.4). STARTTLS and AUTH move to the
 #: command table when a transport offers them.
 _NOT_IMPLEMENTED: Final = frozenset(
-    {b"STARTTLS", b"AUTH", b"EXPN", b"ETRN", b"TURN", b"ATRN", b"SEND", b"SOML", b"SAML",
+    {b"AUTH", b"EXPN", b"ETRN", b"TURN", b"ATRN", b"SEND", b"SOML", b"SAML",
      b"XCLIENT", b"XFORWARD", b"BURL"}
 )
 #: A browser or proxy speaking HTTP at us: goodbye (Postfix's smtpd_forbidden_commands).
@@ -126,6 +128,7 @@ class ServerConnection:
         "_skip",
         "_smtputf8",
         "_state",
+        "_tls",
         "extensions",
     )
 
@@ -146,6 +149,7 @@ class ServerConnection:
         self._bdat_last = False  # the current BDAT chunk is the LAST
         self._skip = 0  # octets of a refused BDAT chunk still to throw away
         self._long_line = False  # throwing away an overlong command line up to its LF
+        self._tls = False  # the session runs over TLS (STARTTLS done, or implicit TLS)
         #: Extra EHLO keywords for this session; the transport may add e.g. "STARTTLS".
         self.extensions: list[str] = []
 
@@ -172,6 +176,10 @@ class ServerConnection:
         return self._pending is None and self._state in (State.IN_DATA, State.IN_BDAT)
 
     @property
+    def tls_active(self) -> bool:
+        return self._tls
+
+    @property
     def buffered(self) -> int:
         """Octets received and not consumed yet (bounded unless a Request is pending)."""
         tail = self._decoder.buffered if isinstance(self._decoder, DataDecoder) else 0
@@ -191,6 +199,15 @@ class ServerConnection:
     def receive_data(self, data: bytes) -> None:
         if self._state is not State.CLOSED:
             self._in += data
+
+    def tls_established(self) -> None:
+        """The TLS handshake after our 220 to STARTTLS succeeded (RFC 3207 4.2): the session
+        starts over, and EHLO must be sent again. Also call it at once for implicit TLS."""
+        self._tls = True
+        if self._state is State.WAIT_TLS:
+            self._in.clear()  # nothing sent in plaintext may count after the handshake
+            self._state = next_state(self._state, Input.TLS_UP)
+            self._esmtp = False
 
     def receive_eof(self) -> None:
         """The peer closed: the session ends without a reply."""
@@ -229,6 +246,11 @@ class ServerConnection:
             self._end_transaction()
             if accepted:
                 self._errors = 0
+        elif isinstance(request, StartTls) and accepted:
+            # CVE-2011-0411 class: commands pipelined after STARTTLS arrived in plaintext;
+            # they are dropped, never run inside the TLS session.
+            self._in.clear()
+            self._state = next_state(self._state, Input.STARTTLS)
         self._reply(reply)
 
     def data_to_send(self) -> bytes:
@@ -285,7 +307,8 @@ class ServerConnection:
         size = max(settings.max_message_size, 0)
         return Reply(250, None, (
             settings.hostname, f"SIZE {size}", "PIPELINING", "8BITMIME",
-            "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "DSN", *self.extensions,
+            "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "DSN",
+            *(e for e in self.extensions if not (self._tls and e == "STARTTLS")),
         ))
 
     def _reset_transaction(self, always: bool = False) -> None:
@@ -445,6 +468,18 @@ class ServerConnection:
         self._reset_transaction()
         self._request(Hello(verb, name))
 
+    def _starttls(self, arg: str) -> None:
+        if self._tls:
+            self._reply(Reply(503, "5.5.1", "Error: TLS already active"))
+        elif "STARTTLS" not in self.extensions:
+            self._reply(codes.NOT_IMPLEMENTED)
+        elif arg.strip():
+            self._reply(Reply(501, "5.5.4", "Syntax: STARTTLS"))
+        elif not allowed(self._state, Input.STARTTLS):
+            self._reply(sequence_error(self._state, Input.STARTTLS))
+        else:
+            self._request(StartTls())
+
     def _helo(self, arg: str) -> None:
         self._hello("HELO", arg)
 
@@ -570,4 +605,5 @@ _COMMANDS: Final[dict[bytes, Callable[[ServerConnection, str], None]]] = {
     b"VRFY": ServerConnection._vrfy,
     b"HELP": ServerConnection._help,
     b"QUIT": ServerConnection._quit,
+    b"STARTTLS": ServerConnection._starttls,
 }

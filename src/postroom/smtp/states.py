@@ -37,6 +37,7 @@ class State(Enum):
     IN_DATA = auto()  # reading DATA content up to <CRLF>.<CRLF>
     IN_BDAT = auto()  # reading the octets of a BDAT chunk
     WAIT_BDAT = auto()  # a BDAT chunk was read; the next BDAT (or RSET) expected
+    WAIT_TLS = auto()  # 220 to STARTTLS sent; the transport does the TLS handshake (RFC 3207)
     CLOSED = auto()  # final
 
 
@@ -49,6 +50,8 @@ class Input(Enum):
     CHUNK = auto()  # a BDAT chunk without LAST was read
     END = auto()  # end of message answered, or the content refused
     RSET = auto()  # RSET
+    STARTTLS = auto()  # STARTTLS answered 220
+    TLS_UP = auto()  # the transport finished the TLS handshake
 
 
 _S = State
@@ -58,6 +61,10 @@ _I = Input
 TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
     (_S.WAIT_HELO, _I.HELLO): _S.WAIT_MAIL,
     (_S.WAIT_HELO, _I.RSET): _S.WAIT_HELO,
+    (_S.WAIT_HELO, _I.STARTTLS): _S.WAIT_TLS,
+    (_S.WAIT_MAIL, _I.STARTTLS): _S.WAIT_TLS,
+    # RFC 3207 4.2: after the handshake the session starts over: a new EHLO is needed.
+    (_S.WAIT_TLS, _I.TLS_UP): _S.WAIT_HELO,
     (_S.WAIT_MAIL, _I.HELLO): _S.WAIT_MAIL,
     (_S.WAIT_MAIL, _I.MAIL): _S.WAIT_RCPT,
     (_S.WAIT_MAIL, _I.RSET): _S.WAIT_MAIL,
@@ -107,6 +114,9 @@ _SEQUENCE_TEXT: Final[dict[tuple[State, Input], str]] = {
     (_S.WAIT_BDAT, _I.MAIL): _NESTED,
     (_S.WAIT_BDAT, _I.RCPT): _IN_BDAT,
     (_S.WAIT_BDAT, _I.DATA): "Error: DATA after BDAT",
+    (_S.WAIT_RCPT, _I.STARTTLS): "Error: MAIL transaction in progress",
+    (_S.WAIT_DATA, _I.STARTTLS): "Error: MAIL transaction in progress",
+    (_S.WAIT_BDAT, _I.STARTTLS): "Error: MAIL transaction in progress",
 }
 
 
