@@ -570,3 +570,65 @@ def test_vrfy_default_and_enabled(tmp_path: Path) -> None:
             assert (code, text[:5]) == (550, b"5.1.1")
     finally:
         handle.stop()
+
+
+def test_half_closed_client_still_gets_its_replies(server: ServerHandle) -> None:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        assert sock.recv(1024).startswith(b"220 ")
+        sock.sendall(b"EHLO c.test\r\nMAIL FROM:<a@remote.example>\r\nRCPT TO:<alice@example.com>\r\n"
+                     b"DATA\r\nSubject: half\r\n\r\nclosed\r\n.\r\nQUIT\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        replies = b""
+        while chunk := sock.recv(65536):
+            replies += chunk
+    finally:
+        sock.close()
+    assert b"\r\n250 2.0.0 Ok: queued as " in replies
+    assert replies.endswith(b"221 2.0.0 Bye\r\n")
+
+
+def test_client_that_never_reads_cannot_grow_server_memory(server: ServerHandle) -> None:
+    assert server.proc is not None
+    status = Path(f"/proc/{server.proc.pid}/status")
+
+    def rss_kb() -> int:
+        return int(status.read_text().split("VmRSS:")[1].split()[0])
+
+    before = rss_kb()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    flood = b"EHLO c.test\r\n" * 8192  # each answered with ~200 octets the client never reads
+    sent = 0
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline and sent < 20_000_000:
+        try:
+            sent += sock.send(flood)
+        except BlockingIOError:
+            time.sleep(0.01)
+    growth = rss_kb() - before
+    sock.close()
+    # Without flow control the replies to 20 MB of EHLO would be ~300 MB of memory.
+    assert growth < 20_000, (growth, sent)
+
+
+def test_workers_failing_at_start_stop_the_server(tmp_path: Path) -> None:
+    """A worker that cannot start (here: its accounts database is a directory) is retried
+    with a growing delay, then the server gives up instead of spinning; SIGTERM works meanwhile."""
+    handle = make_server(tmp_path)
+    handle.config_path.write_text(handle.config_path.read_text()
+                                  .replace('run_as = ""', 'run_as = ""\nworkers = 2'))
+    db = handle.data_dir / "accounts.db"
+    db.unlink()
+    db.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "postroom", "-c", str(handle.config_path),
+                             "serve"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.wait(60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = handle.log()
+    assert "failed 5 times right after starting; stopping" in log
+    assert "starting a new one in 1.0 s" in log and "starting a new one in 4.0 s" in log

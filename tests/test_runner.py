@@ -424,3 +424,29 @@ def test_backoff_delay_bounds(attempts: int, low: float, factor: float, seed: in
     assert low <= delay <= high
     ideal = min(low * 2.0 ** (attempts - 1), high)
     assert ideal * 0.9 - 1e-9 <= delay <= ideal * 1.1 + 1e-9
+
+
+class _SlowFsyncDisk(Disk):
+    def fsync(self, fd: int) -> None:
+        time.sleep(0.3)
+        super().fsync(fd)
+
+
+def test_stop_lets_the_delivery_in_flight_finish_and_record(tmp_path: Path) -> None:
+    """SIGTERM during a queue delivery: the copy made is recorded, never made again."""
+    committer = Committer()
+    committer.start()
+    clock = Clock(NOW + 10)
+    spool, runner = make(tmp_path, committer, clock, _SlowFsyncDisk())
+    alice = mailbox_for(tmp_path, "alice")
+    path = queue_message(spool, committer, Recipient("alice@example.com", alice))
+
+    async def main() -> None:
+        runner.start()
+        await asyncio.sleep(0.5)  # the attempt is recorded; the Maildir copy is being made
+        await runner.stop()  # what the daemon does on SIGTERM
+        await asyncio.to_thread(committer.stop)
+
+    asyncio.run(main())
+    assert len(new_files(alice)) == 1
+    assert not path.exists()  # delivered and recorded: nothing left to deliver again

@@ -135,10 +135,26 @@ def test_refused_bdat_still_consumes_its_octets(script: bytes, reply: bytes) -> 
     assert not t.closed
 
 
-@pytest.mark.parametrize("command", [b"BDAT", b"BDAT x", b"BDAT 1 FIRST", b"BDAT 1 LAST x",
-                                     b"BDAT -1", b"BDAT " + b"9" * 21])
-def test_bdat_syntax(command: bytes) -> None:
+@pytest.mark.parametrize("command", [b"BDAT", b"BDAT x", b"BDAT -1", b"BDAT " + b"9" * 21])
+def test_bdat_without_a_size_ends_the_session(command: bytes) -> None:
+    """Its octets follow in an unknown number: nothing after it can be trusted as a command."""
     t = run_all_ways(TXN + command + b"\r\nNOOP\r\n")
+    assert after_rcpt(t) == (
+        b"421 4.5.4 mx.example.test Error: BDAT without a valid chunk size; "
+        b"closing the connection\r\n"
+    )
+    assert t.closed
+
+
+@pytest.mark.parametrize("command", [b"BDAT 4 FIRST", b"BDAT 4 LAST x"])
+def test_bdat_syntax_error_still_skips_its_chunk(command: bytes) -> None:
+    t = run_all_ways(TXN + command + b"\r\nRSET" + b"NOOP\r\n")
+    assert after_rcpt(t) == b"501 5.5.4 Syntax: BDAT chunk-size [LAST]\r\n" + OK
+
+
+def test_commands_inside_a_malformed_bdat_chunk_never_run() -> None:
+    chunk = b"RSET\r\nMAIL FROM:<e@vil.example>\r\n"
+    t = run_all_ways(TXN + b"BDAT %d LAST junk\r\n" % len(chunk) + chunk + b"NOOP\r\n")
     assert after_rcpt(t) == b"501 5.5.4 Syntax: BDAT chunk-size [LAST]\r\n" + OK
 
 

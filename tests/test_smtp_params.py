@@ -94,6 +94,18 @@ def _encode_xtext(text: str) -> str:
 
 
 @settings(max_examples=200)
-@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=255), max_size=40))
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40))
 def test_xtext_round_trip(text: str) -> None:
     assert decode_xtext(_encode_xtext(text)) == text
+
+
+def test_xtext_may_not_decode_to_controls() -> None:
+    import pytest as _pytest
+
+    from postroom.smtp.params import ParamError
+
+    assert decode_xtext("a+2Bb") == "a+b"
+    for bad in ("x+0D+0AInjected:+20yes", "x+00", "x+7F"):
+        with _pytest.raises(ParamError) as info:
+            decode_xtext(bad)
+        assert (info.value.reply.code, info.value.reply.enhanced) == (501, "5.5.4")

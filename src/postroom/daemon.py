@@ -220,7 +220,8 @@ def serve(config: Config) -> None:
         if config.server.workers == 1:
             _run(Daemon(config, sockets, tls_context=context).run())
         else:
-            Supervisor(config, sockets, context).run()
+            if Supervisor(config, sockets, context).run():
+                raise SystemExit(1)
     finally:
         log.flush()
 
@@ -228,9 +229,16 @@ def serve(config: Config) -> None:
 _MASTER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 
 
+#: A worker that dies sooner than this after its start counts as failing at once.
+_FAST_FAILURE = 5.0
+#: After this many fast failures in a row the supervisor gives up (a configuration problem).
+_MAX_FAST_FAILURES = 5
+
+
 class Supervisor:
     """With ``server.workers`` > 1: fork the workers, pass SIGTERM/SIGHUP on to them, and start
-    a new worker when one dies unexpectedly (its connection counts are reset)."""
+    a new worker when one dies unexpectedly (its connection counts are reset), with a growing
+    delay; a worker that keeps failing at start stops the server."""
 
     def __init__(
         self, config: Config, sockets: list[socket.socket], context: ssl.SSLContext | None
@@ -239,8 +247,11 @@ class Supervisor:
         self.sockets = sockets
         self.context = context
         self.counts = SharedCounts(config.server.workers)
-        self.children: dict[int, int] = {}  # pid -> worker index
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started)
+        self.respawn: dict[int, float] = {}  # worker index -> when to start it again
+        self.failures: dict[int, int] = {}  # worker index -> fast failures in a row
         self.stopping = False
+        self.exit_code = 0
 
     def _spawn(self, worker: int) -> None:
         pid = os.fork()
@@ -252,7 +263,7 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop handles it
                 self.counts.worker = worker
-                _setup_logging(self.config)
+                log.after_fork()  # the log files stay open: they were opened as root
                 daemon = Daemon(self.config, self.sockets, worker=worker, counts=self.counts,
                                 tls_context=self.context)
                 _run(daemon.run())
@@ -262,25 +273,48 @@ class Supervisor:
             finally:
                 log.flush()
                 os._exit(code)
-        self.children[pid] = worker
+        self.children[pid] = (worker, time.monotonic())
         log.logger.info("started worker %d (pid %d)", worker, pid)
 
-    def run(self) -> None:
+    def run(self) -> int:
         # SIGCHLD must not be ignored (a parent may have passed that on), or the kernel reaps
         # the workers itself and we could not tell a crash from a stop.
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_BLOCK, _MASTER_SIGNALS)
         for worker in range(self.config.server.workers):
             self._spawn(worker)
-        while self.children:
-            info = signal.sigwaitinfo(_MASTER_SIGNALS)
-            if info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                self.stopping = True
-                self._signal_all(signal.SIGTERM)
-            elif info.si_signo == signal.SIGHUP:
-                self._signal_all(signal.SIGHUP)
+        while self.children or (self.respawn and not self.stopping):
+            timeout = None
+            if self.respawn and not self.stopping:
+                timeout = max(0.0, min(self.respawn.values()) - time.monotonic())
+            info: signal.struct_siginfo | None
+            if timeout is None:
+                info = signal.sigwaitinfo(_MASTER_SIGNALS)
+            else:
+                info = signal.sigtimedwait(_MASTER_SIGNALS, timeout)
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                self._stop()
+            elif info is not None and info.si_signo == signal.SIGHUP:
+                self._reload()
             self._reap()
+            self._respawn_due()
         log.logger.info("all workers stopped")
+        return self.exit_code
+
+    def _stop(self) -> None:
+        self.stopping = True
+        self.respawn.clear()
+        self._signal_all(signal.SIGTERM)
+
+    def _reload(self) -> None:
+        """Check the file here too: a worker started later must get the new configuration."""
+        if self.config.source is not None:
+            try:
+                self.config = config_mod.load(self.config.source)
+            except ConfigError as exc:
+                log.logger.error("reload failed, keeping the running configuration: %s", exc)
+                return
+        self._signal_all(signal.SIGHUP)
 
     def _signal_all(self, sig: int) -> None:
         for pid in self.children:
@@ -296,14 +330,33 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            worker = self.children.pop(pid, None)
-            if worker is None:
+            entry = self.children.pop(pid, None)
+            if entry is None:
                 continue
+            worker, started = entry
             self.counts.reset(worker)
-            if not self.stopping:
-                log.logger.error("worker %d (pid %d) died (%s); starting a new one", worker,
-                                 pid, _describe_status(status))
-                time.sleep(0.5)  # do not spin if a worker fails at once, every time
+            if self.stopping:
+                continue
+            fast = time.monotonic() - started < _FAST_FAILURE
+            self.failures[worker] = self.failures.get(worker, 0) + 1 if fast else 0
+            if self.failures[worker] >= _MAX_FAST_FAILURES:
+                log.logger.error("worker %d failed %d times right after starting; stopping",
+                                 worker, self.failures[worker])
+                self.exit_code = 1
+                self._stop()
+                continue
+            delay = 0.5 * 2 ** self.failures[worker] if fast else 0.1
+            log.logger.error("worker %d (pid %d) died (%s); starting a new one in %.1f s",
+                             worker, pid, _describe_status(status), delay)
+            self.respawn[worker] = time.monotonic() + delay
+
+    def _respawn_due(self) -> None:
+        if self.stopping:
+            return
+        now = time.monotonic()
+        for worker, when in list(self.respawn.items()):
+            if when <= now:
+                del self.respawn[worker]
                 self._spawn(worker)
 
 

@@ -205,3 +205,12 @@ def flush() -> None:
     """Write every pending line (before the process exits)."""
     for handler in logger.handlers:
         handler.flush()
+
+
+def after_fork() -> None:
+    """In a forked worker: keep the inherited log descriptors, print the worker's own pid."""
+    pid = os.getpid()
+    for handler in logger.handlers:
+        formatter = handler.formatter
+        if isinstance(formatter, _TextFormatter | _JsonFormatter):
+            formatter.pid = pid

@@ -152,7 +152,9 @@ class Receiver:
             return codes.CANNOT_VRFY
         outcome = self.router.resolve(address, may_relay=False)
         if isinstance(outcome, Rejected):
-            return _reply(outcome)
+            # RFC 5321 4.3.2 lists 550/551/553 for VRFY, not 554 (which RCPT uses for relay)
+            code = 550 if outcome.code == 554 else outcome.code
+            return Reply(code, outcome.enhanced, outcome.text)
         return Reply(250, "2.1.5", f"<{address}>")
 
     # -- DATA ---------------------------------------------------------------------------------

@@ -120,7 +120,11 @@ class SmtpServer:
             now = time.monotonic()
             smtp = self.config.smtp
             for session in list(self.sessions):
-                session.check_timeout(now, smtp.command_timeout, smtp.data_timeout)
+                try:
+                    session.check_timeout(now, smtp.command_timeout, smtp.data_timeout)
+                except Exception:  # one session's trouble must not end every timeout
+                    log.logger.exception("timeout check failed for %s",
+                                         session.client.describe())
 
     # -- shutdown -----------------------------------------------------------------------------
     async def shutdown(self) -> None:

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 #: Pause reading when this much input waits unparsed behind a pending reply.
 _PAUSE_ABOVE = 256 * 1024
+#: Hand replies to the transport once this much is queued, so its flow control can act.
+_FLUSH_ABOVE = 16 * 1024
 
 
 class SmtpSession(asyncio.Protocol):
@@ -50,6 +52,7 @@ class SmtpSession(asyncio.Protocol):
         "_paused",
         "_pending",
         "_upgrade",
+        "_write_paused",
         "client",
         "conn",
         "last_activity",
@@ -67,6 +70,7 @@ class SmtpSession(asyncio.Protocol):
         self._pending: asyncio.Task[None] | None = None
         self._paused = False
         self._upgrade = False  # 220 to STARTTLS queued: start TLS once it is written
+        self._write_paused = False  # the peer does not read its replies: stop parsing
         self.last_activity = time.monotonic()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -96,9 +100,24 @@ class SmtpSession(asyncio.Protocol):
         self._pump()
 
     def eof_received(self) -> bool:
+        # A half-close still gets the replies to what was sent before it (the 250 of a
+        # pipelined end of data above all): keep the socket open for writing; the core closes
+        # the session once nothing buffered can make progress.
         self.conn.receive_eof()
         self._pump()
-        return False
+        return True
+
+    def pause_writing(self) -> None:
+        """The peer does not read: parse nothing more, so replies cannot pile up."""
+        self._write_paused = True
+        if self.transport is not None and not self._paused:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.transport is not None and not self._paused and not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._pump()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.release(self)
@@ -110,7 +129,10 @@ class SmtpSession(asyncio.Protocol):
     # -- the event pump -----------------------------------------------------------------------
     def _pump(self) -> None:
         conn = self.conn
-        while self._pending is None:
+        while self._pending is None and not self._write_paused:
+            if conn.output_size > _FLUSH_ABOVE:
+                self._flush()  # may call pause_writing() at once
+                continue
             event = conn.next_event()
             if event is None:
                 break
@@ -137,7 +159,8 @@ class SmtpSession(asyncio.Protocol):
                 self.transport.pause_reading()
             elif self._paused and conn.buffered <= _PAUSE_ABOVE:
                 self._paused = False
-                self.transport.resume_reading()
+                if not self._write_paused:
+                    self.transport.resume_reading()
 
     def _decide(self, event: Request) -> Reply | None:
         receiver = self.server.receiver

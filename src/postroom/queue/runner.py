@@ -109,6 +109,7 @@ class QueueRunner:
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         spool.on_queued = self.wake  # the spool queued something: scan now
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -120,10 +121,14 @@ class QueueRunner:
         self._task = asyncio.get_running_loop().create_task(self._main(), name="queue-runner")
 
     async def stop(self) -> None:
+        """Stop after the deliveries in flight: cancelling one between its Maildir write and
+        the record of it would deliver the message again after the restart. Messages not
+        started yet wait for the next start."""
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
+        self._stopping = True
+        self._wake.set()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
@@ -136,13 +141,15 @@ class QueueRunner:
             await asyncio.to_thread(self._spool.clean_incoming)
         except OSError as exc:
             logger.warning("cannot clean %s: %s", self._spool.incoming, exc)
-        while True:
+        while not self._stopping:
             self._wake.clear()
             earliest: float | None = None
             try:
                 earliest = await self.run_once()
             except Exception:
                 logger.exception("queue run failed")
+            if self._stopping:
+                return
             delay = self.config.queue.scan_interval
             if earliest is not None:
                 delay = min(delay, max(MIN_SLEEP, earliest - self._clock()))
@@ -184,6 +191,8 @@ class QueueRunner:
         now: float,
     ) -> None:
         async with gate:
+            if self._stopping:
+                return  # not started: the next run takes it
             try:
                 await self._process(envelope, path, due, now)
             except StorageError as exc:

@@ -96,7 +96,12 @@ def decode_xtext(text: str) -> str:
         raise _bad("Bad xtext")
     if "+" not in text:
         return text
-    return _HEXCHAR.sub(lambda m: chr(int(m.group(1), 16)), text)
+    decoded = _HEXCHAR.sub(lambda m: chr(int(m.group(1), 16)), text)
+    # RFC 3461 4: xtext carries printable US-ASCII; a control decoded from "+0D" or "+00"
+    # would reach a DSN's header fields (Original-Recipient, Original-Envelope-Id).
+    if any(not 0x20 <= ord(c) < 0x7F for c in decoded):
+        raise _bad("Bad xtext: control or non-ASCII character")
+    return decoded
 
 
 def _unknown(keyword: str) -> ParamError:

@@ -116,6 +116,7 @@ class ServerConnection:
         "_bdat_left",
         "_bdat_size",
         "_decoder",
+        "_eof",
         "_errors",
         "_esmtp",
         "_events",
@@ -150,6 +151,7 @@ class ServerConnection:
         self._skip = 0  # octets of a refused BDAT chunk still to throw away
         self._long_line = False  # throwing away an overlong command line up to its LF
         self._tls = False  # the session runs over TLS (STARTTLS done, or implicit TLS)
+        self._eof = False  # the peer will send nothing more
         #: Extra EHLO keywords for this session; the transport may add e.g. "STARTTLS".
         self.extensions: list[str] = []
 
@@ -210,13 +212,22 @@ class ServerConnection:
             self._esmtp = False
 
     def receive_eof(self) -> None:
-        """The peer closed: the session ends without a reply."""
-        self._close()
+        """The peer will send nothing more. Commands it already sent are still answered (a
+        client may half-close after a pipelined ``.`` and QUIT and wait for the replies);
+        the session closes once nothing buffered can make progress."""
+        self._eof = True
+
+    @property
+    def output_size(self) -> int:
+        """Octets of replies not yet taken by :meth:`data_to_send`."""
+        return len(self._out)
 
     def next_event(self) -> Event | None:
         """The next event, or None when more input (or an answer to a Request) is needed."""
         if not self._events and self._pending is None and self._state is not State.CLOSED:
             self._process()
+            if self._eof and not self._events and self._pending is None:
+                self._close()  # what is left can never be completed
         return self._events.pop(0) if self._events else None
 
     def respond(self, reply: Reply) -> None:
@@ -530,17 +541,26 @@ class ServerConnection:
 
     def _bdat(self, arg: str) -> None:
         words = arg.split()
-        if not (
-            1 <= len(words) <= 2
+        sized = (
+            len(words) >= 1
             and words[0].isascii()
             and words[0].isdigit()
             and len(words[0]) <= _SIZE_DIGITS
-            and (len(words) == 1 or words[1].upper() == "LAST")
-        ):
-            # the chunk size is unknown, so its octets cannot be skipped (RFC 3030 2)
-            self._reply(Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]"))
+        )
+        if not sized:
+            # Its octets follow, but how many is unknown: the stream cannot be put back in
+            # step, and reading them as commands would be smuggling. End the session.
+            bye = Reply(421, "4.5.4", f"{self._settings.hostname} Error: BDAT without a valid "
+                        "chunk size; closing the connection")
+            self._out += bye.to_bytes()
+            self._events.append(ProtocolViolation(bye))
+            self._close()
             return
         size = int(words[0])
+        if not (len(words) == 1 or (len(words) == 2 and words[1].upper() == "LAST")):
+            self._skip = size  # the size is known: its octets are thrown away, never parsed
+            self._reply(Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]"))
+            return
         refusal: Reply | None = None
         if not self._esmtp:
             refusal = Reply(503, "5.5.1", "Error: send EHLO first")
