@@ -52,3 +52,8 @@ def test_count_received_and_message_id() -> None:
     assert headers.count_received(section) == 2
     assert headers.message_id(section) == "<id@x>"
     assert headers.message_id(b"Subject: x\r\n\r\n") is None
+
+
+def test_c1_controls_and_unicode_line_separators_are_replaced() -> None:
+    text = headers.received_header(trace(helo="a\x85b\u2028c\u2029d\x9fe")).decode()
+    assert "a?b?c?d?e" in text

@@ -25,7 +25,7 @@ _PROTOCOLS = {
 }
 
 #: A header value we write: printable, no CR/LF, so a hostile HELO cannot add header lines.
-_UNSAFE = re.compile(r"[^\x21-\x7e\u0080-\U0010ffff]")
+_UNSAFE = re.compile(r"[^\x21-\x7e\u00a0-\u2027\u202a-\U0010ffff]")  # no C1, no U+2028/9
 
 
 def protocol_name(*, esmtp: bool, tls: bool = False, auth: bool = False, utf8: bool = False) -> str:
