@@ -3,12 +3,13 @@
 #   bash scripts/test.sh [pytest args...]
 # Debian packages: swaks (a real SMTP client), postfix (for its smtp-source load generator; the
 # Postfix daemon itself is never started), strace (the fsync-order test), libnet-ssleay-perl
-# (swaks over TLS). Python packages: the project with its [test] extra, pinned by constraints.txt.
+# (swaks over TLS), dovecot-core (reads our Maildirs in a test; its daemon is started by that test
+# only, in a private directory), openssl (s_client). Python packages: the project with its [test] extra, pinned by constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in swaks postfix strace libnet-ssleay-perl; do
+for pkg in swaks postfix strace libnet-ssleay-perl dovecot-core openssl; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
