@@ -722,7 +722,7 @@ def test_syscall_order_under_strace(tmp_path: Path) -> None:
             strace,
             "-f",
             "-e",
-            "trace=fsync,fdatasync,rename,renameat,renameat2,openat",
+            "trace=fsync,fdatasync,rename,renameat,renameat2,link,linkat,openat",
             "-o",
             str(trace),
             sys.executable,
@@ -788,6 +788,20 @@ def parse_trace(text: str) -> list[tuple[str, str, str]]:
             fd = re.match(r"(\d+)", args)
             if fd:
                 events.append(("fsync", fds.get(fd.group(1), "?"), ""))
-        elif name.startswith("rename") and len(strings) >= 2:
+        elif name.startswith(("rename", "link")) and len(strings) >= 2:
+            # a queue file is linked into place (never replacing one): it counts as the move
             events.append(("rename", strings[0], strings[1]))
     return events
+
+
+def test_a_queue_file_never_replaces_another(tmp_path: Path, committer: Committer) -> None:
+    """Should a queue id ever repeat, the new message fails (451) and the old one stays."""
+    spool = make_spool(tmp_path, committer)
+    env = envelope(remote("x@remote.example"))
+    existing = spool.active / env.queue_id
+    spool.active.mkdir(parents=True, exist_ok=True)
+    existing.write_bytes(b"another message's queue file")
+    with pytest.raises(AcceptError):
+        accept(spool, env, message_of(spool, CONTENT))
+    assert existing.read_bytes() == b"another message's queue file"
+    assert list(spool.incoming.iterdir()) == []

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import errno
 import os
 import threading
@@ -101,6 +102,10 @@ class Disk:
     def rename(self, src: str, dst: str) -> None:
         os.rename(src, dst)
 
+    def link(self, src: str, dst: str) -> None:
+        """A second name for *src*; fails with EEXIST rather than replace *dst*."""
+        os.link(src, dst)
+
     def unlink(self, path: str) -> None:
         try:
             os.unlink(path)
@@ -136,11 +141,19 @@ class DurableFile:
     :class:`StorageError`.
     """
 
-    __slots__ = ("_buffer", "_disk", "_fd", "_handed", "durable", "final_path", "size", "tmp_path")
+    __slots__ = (
+        "_buffer", "_disk", "_fd", "_handed", "durable", "final_path", "no_replace", "placed", "size",
+        "tmp_path",
+    )
 
-    def __init__(self, disk: Disk, tmp_path: str) -> None:
+    def __init__(self, disk: Disk, tmp_path: str, *, no_replace: bool = False) -> None:
         self._disk = disk
         self.tmp_path = tmp_path
+        #: Never replace an existing file at the final path (link, then unlink the temporary
+        #: name): a queue file must not silently overwrite another message's.
+        self.no_replace = no_replace
+        #: True once the file is at its final path (a failed job must only remove its own).
+        self.placed = False
         self.final_path: str | None = None
         self.size = 0
         self._buffer = bytearray()
@@ -229,9 +242,15 @@ class DurableFile:
     def _rename(self) -> StorageError | None:
         assert self.final_path is not None
         try:
-            self._disk.rename(self.tmp_path, self.final_path)
+            if self.no_replace:
+                self._disk.link(self.tmp_path, self.final_path)
+                with contextlib.suppress(OSError):  # a leftover in incoming/ is cleaned later
+                    self._disk.unlink(self.tmp_path)
+            else:
+                self._disk.rename(self.tmp_path, self.final_path)
         except OSError as exc:
             return storage_error(exc, f"renaming {self.tmp_path} to {self.final_path}")
+        self.placed = True
         return None
 
     def abort(self) -> None:

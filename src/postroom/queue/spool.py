@@ -282,8 +282,12 @@ class Spool:
         """The client gets 451/452 and will retry: our copy would be a duplicate."""
         if state.queue_file is None:
             return
+        final = str(state.queue_file)
+        files = state.dirsync.files if state.dirsync is not None else []
+        if not any(f.final_path == final and f.placed for f in files):
+            return  # ours never got there; what is there belongs to someone else
         try:
-            self.disk.unlink(str(state.queue_file))
+            self.disk.unlink(final)
         except OSError as exc:
             logger.error("cannot remove %s after a failed accept: %s", state.queue_file, exc)
 
@@ -392,7 +396,8 @@ class Spool:
         self, envelope: Envelope, prepend: bytes, message: IncomingMessage, dirsync: DirSync
     ) -> Path:
         final = self.queue_path(envelope.queue_id)
-        with DurableFile(self.disk, self._temp_name(envelope.queue_id)) as out:
+        temp = self._temp_name(envelope.queue_id)
+        with DurableFile(self.disk, temp, no_replace=True) as out:
             out.write(envelope.to_json().encode() + b"\n")
             out.write(prepend)
             for chunk in message.chunks():
