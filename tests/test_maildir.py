@@ -253,3 +253,22 @@ def test_usage_cache_and_refresh(tmp_path: Path) -> None:
     assert usage.usage(root) == len(MESSAGE_LF)  # another writer: seen after max_age
     now[0] += 61
     assert usage.usage(root) == len(MESSAGE_LF) + 1000
+
+
+def test_cached_usage_never_scans(tmp_path: Path) -> None:
+    """On the event loop only cached counts are read; a miss says so instead of scanning."""
+    from postroom.delivery.maildir import UsageUnknown
+
+    now = [100.0]
+    usage = MaildirUsage(max_age=60.0, clock=lambda: now[0])
+    root = tmp_path / "Maildir"
+    (root / "new").mkdir(parents=True)
+    (root / "new" / "1.M1P1.host,S=1234").write_bytes(b"x")
+    with pytest.raises(UsageUnknown) as info:
+        usage.cached(root)
+    assert info.value.root == root
+    assert usage.usage(root) == 1234  # the count (done in a thread by the server)
+    assert usage.cached(root) == 1234
+    now[0] += 61
+    with pytest.raises(UsageUnknown):
+        usage.cached(root)

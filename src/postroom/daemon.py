@@ -128,7 +128,8 @@ class Daemon:
         data_dir = config.data_dir
         accounts = AccountStore.for_config(config)
         usage = MaildirUsage()
-        router = Router(accounts, config.delivery, usage.usage, data_dir)
+        # On the loop the router only reads cached counts; a miss is counted in a thread.
+        router = Router(accounts, config.delivery, usage.cached, data_dir)
         committer = Committer()
         committer.start()
         spool = Spool(data_dir, committer, usage, config.hostname,

@@ -11,12 +11,13 @@ Log lines follow Postfix's smtpd/cleanup: ``ID: client=``, ``ID: message-id=``,
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
 
 from postroom import log
-from postroom.delivery.maildir import delivery_headers
+from postroom.delivery.maildir import UsageUnknown, delivery_headers
 from postroom.errors import StorageError
 from postroom.ids import new_queue_id
 from postroom.message.address import Address, parse_path
@@ -109,6 +110,8 @@ class Receiver:
 
     # -- RCPT ---------------------------------------------------------------------------------
     def rcpt(self, client: Client, txn: Transaction, event: RcptTo) -> Reply:
+        """The answer to RCPT. Raises :class:`UsageUnknown` when a quota needs a mailbox count
+        first: the caller counts it in a thread (a big Maildir takes a while) and asks again."""
         address = event.address
         try:
             outcome = self._route(address, client, txn)
@@ -150,7 +153,10 @@ class Receiver:
             address = parse_path(f"<{event.argument.strip('<>')}>", utf8=True)
         except ValueError:
             return codes.CANNOT_VRFY
-        outcome = self.router.resolve(address, may_relay=False)
+        try:
+            outcome = self.router.resolve(address, may_relay=False)
+        except UsageUnknown:  # not worth a mailbox count: VRFY's "cannot verify now"
+            return codes.CANNOT_VRFY
         if isinstance(outcome, Rejected):
             # RFC 5321 4.3.2 lists 550/551/553 for VRFY, not 554 (which RCPT uses for relay)
             code = 550 if outcome.code == 554 else outcome.code
@@ -190,7 +196,7 @@ class Receiver:
             tls=client.tls,
         )
         received = received_header(trace)
-        refused = self._check_quota_at_end(envelope, event.size + len(received))
+        refused = await self._check_quota_at_end(envelope, event.size + len(received))
         if refused is not None:
             txn.discard()
             return refused
@@ -209,7 +215,7 @@ class Receiver:
             txn.message = None
         return codes.ok_queued(envelope.queue_id)
 
-    def _check_quota_at_end(self, envelope: Envelope, size: int) -> Reply | None:
+    async def _check_quota_at_end(self, envelope: Envelope, size: int) -> Reply | None:
         """Refuse at end of data only when *every* recipient is a local mailbox too full for
         the message as it will be stored (with Return-Path and Delivered-To added).
 
@@ -222,7 +228,11 @@ class Receiver:
             if not isinstance(dest, LocalDelivery):
                 return None
             stored = size + len(delivery_headers(envelope.sender, dest.mailbox))
-            refused = self.router.check_size(dest, stored)
+            try:
+                refused = self.router.check_size(dest, stored)
+            except UsageUnknown as unknown:  # count it off the loop, then decide
+                await asyncio.to_thread(self.spool.usage.usage, unknown.root)
+                refused = self.router.check_size(dest, stored)
             if refused is None:
                 return None
             refusals.append(refused)

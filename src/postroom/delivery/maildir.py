@@ -197,6 +197,14 @@ def scan_usage(root: Path) -> int:
     return total
 
 
+class UsageUnknown(Exception):
+    """The usage of ``root`` is not cached: count it (off the event loop) and ask again."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(str(root))
+        self.root = root
+
+
 class MaildirUsage:
     """Per-mailbox usage in octets for quota checks, cached in memory.
 
@@ -221,6 +229,16 @@ class MaildirUsage:
         with self._lock:
             self._cache[root] = (total, now)
         return total
+
+    def cached(self, root: Path) -> int:
+        """The cached figure if it is fresh; else :class:`UsageUnknown` (never a scan), for
+        callers on the event loop, which run :meth:`usage` in a thread and ask again."""
+        now = self._clock()
+        with self._lock:
+            cached = self._cache.get(root)
+            if cached is not None and now - cached[1] < self.max_age:
+                return cached[0]
+        raise UsageUnknown(root)
 
     def add(self, root: Path, octets: int) -> None:
         with self._lock:

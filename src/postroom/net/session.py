@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from postroom import log
+from postroom.delivery.maildir import UsageUnknown
 from postroom.net.tls import describe
 from postroom.receive import Client, Transaction
 from postroom.smtp import codes
@@ -168,7 +170,12 @@ class SmtpSession(asyncio.Protocol):
         if isinstance(event, RcptTo):
             if self.txn is None:
                 return codes.BAD_SEQUENCE
-            return receiver.rcpt(client, self.txn, event)
+            try:
+                return receiver.rcpt(client, self.txn, event)
+            except UsageUnknown as unknown:  # count the mailbox off the loop, then decide
+                self._pending = asyncio.get_running_loop().create_task(
+                    self._rcpt_after_count(self.txn, event, unknown.root))
+                return None
         if isinstance(event, MailFrom):
             reply, self.txn = receiver.mail(client, event)
             return reply
@@ -214,6 +221,24 @@ class SmtpSession(asyncio.Protocol):
             log.logger.warning("%s from %s", event.reply.text, self.client.describe())
         elif isinstance(event, Quit):
             pass
+
+    async def _rcpt_after_count(self, txn: Transaction, event: RcptTo, root: Path) -> None:
+        usage = self.server.receiver.spool.usage
+        try:
+            await asyncio.to_thread(usage.usage, root)
+            reply = self.server.receiver.rcpt(self.client, txn, event)
+        except UsageUnknown:  # counted, and stale again already: refuse for now
+            reply = Reply(450, "4.2.0", f"<{event.address}>: Mailbox temporarily unavailable")
+        except OSError:
+            reply = Reply(450, "4.2.0", f"<{event.address}>: Mailbox temporarily unavailable")
+        except Exception:
+            log.logger.exception("error handling RCPT from %s", self.client.describe())
+            reply = codes.LOCAL_ERROR
+        self._pending = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.conn.respond(reply)
+        self._pump()
 
     async def _finish(self, txn: Transaction, event: EndOfData) -> None:
         try:
