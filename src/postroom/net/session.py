@@ -227,18 +227,12 @@ class SmtpSession(asyncio.Protocol):
         try:
             await asyncio.to_thread(usage.usage, root)
             reply = self.server.receiver.rcpt(self.client, txn, event)
-        except UsageUnknown:  # counted, and stale again already: refuse for now
-            reply = Reply(450, "4.2.0", f"<{event.address}>: Mailbox temporarily unavailable")
-        except OSError:
+        except (UsageUnknown, OSError):  # unreadable, or stale again already: not now
             reply = Reply(450, "4.2.0", f"<{event.address}>: Mailbox temporarily unavailable")
         except Exception:
             log.logger.exception("error handling RCPT from %s", self.client.describe())
             reply = codes.LOCAL_ERROR
-        self._pending = None
-        if self.transport is None or self.transport.is_closing():
-            return
-        self.conn.respond(reply)
-        self._pump()
+        self._answer_later(reply)
 
     async def _finish(self, txn: Transaction, event: EndOfData) -> None:
         try:
@@ -247,6 +241,10 @@ class SmtpSession(asyncio.Protocol):
             log.logger.exception("%s: error at end of data", txn.envelope.queue_id)
             txn.discard()
             reply = codes.LOCAL_ERROR
+        self._answer_later(reply)
+
+    def _answer_later(self, reply: Reply) -> None:
+        """Answer the Request a task was deciding, then go on with the input behind it."""
         self._pending = None
         if self.transport is None or self.transport.is_closing():
             return
