@@ -43,7 +43,8 @@ class Reply:
                 line = line.replace("\r", " ").replace("\n", " ")
             if self.enhanced:
                 line = f"{self.enhanced} {line}" if line else self.enhanced
-            sep = "-" if i < last else " " if line else ""  # RFC 5321 4.2: [ SP textstring ]
+            # RFC 5321 4.2: [ SP textstring ]; RFC 4954 4: "334" SP [base64], the SP required
+            sep = "-" if i < last else " " if line or self.code == 334 else ""
             out.append(f"{self.code}{sep}{line}\r\n")
         return "".join(out).encode("utf-8", "replace")
 
@@ -67,8 +68,16 @@ CANNOT_VRFY = Reply(  # RFC 5321 3.5.3: 252 when the server will not verify
     252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery"
 )
 
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")  # RFC 4954 6
+
 # -- 3xx: intermediate ------------------------------------------------------------------------
 START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")  # RFC 5321 4.1.1.4
+
+
+def challenge(text: str) -> Reply:
+    """A SASL challenge (RFC 4954 4): ``334 <base64>``, no enhanced code."""
+    return Reply(334, None, text)
+
 
 # -- 4xx: transient failure (RFC 5321 4.2.2) --------------------------------------------------
 TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")  # RFC 5321 4.5.3.2; X.4.2 bad connection
@@ -82,7 +91,26 @@ TOO_MANY_RECIPIENTS = Reply(  # RFC 5321 4.5.3.1.10: 452 (not 552); RFC 3463 X.5
     452, "4.5.3", "Error: too many recipients"
 )
 
+AUTH_UNAVAILABLE = Reply(  # RFC 4954 6: temporary authentication failure
+    454, "4.7.0", "Temporary authentication failure"
+)
+
 # -- 5xx: permanent failure -------------------------------------------------------------------
+AUTH_LINE_TOO_LONG = Reply(  # RFC 4954 4/6
+    500, "5.5.6", "Authentication Exchange line is too long"
+)
+AUTH_MALFORMED = Reply(501, "5.5.2", "Cannot decode response")  # RFC 4954 4: not base64
+AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")  # RFC 4954 4: "*"
+AUTH_MECHANISM = Reply(  # RFC 4954 6: unknown or unoffered mechanism
+    504, "5.5.4", "Unrecognized authentication type"
+)
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")  # RFC 4954 6
+AUTH_FAILED = Reply(  # RFC 4954 6
+    535, "5.7.8", "Authentication credentials invalid"
+)
+ENCRYPTION_REQUIRED = Reply(  # RFC 4954 6 / RFC 5248: X.7.11 encryption required
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")  # RFC 5321 4.5.3.1: "500 Line too long"
 UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")  # X.5.2 syntax error
 SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")  # X.5.4 invalid args

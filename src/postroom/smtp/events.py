@@ -8,12 +8,16 @@
     │   ├── MailFrom          MAIL FROM with its parameters (4.1.1.2; RFC 1870, 6152, 3461, 6531)
     │   ├── RcptTo            RCPT TO with its DSN parameters (4.1.1.3; RFC 3461)
     │   ├── Vrfy              VRFY (4.1.1.6)
+    │   ├── StartTls          STARTTLS (RFC 3207)
+    │   ├── Auth              AUTH with its mechanism and initial response (RFC 4954)
+    │   ├── AuthResponse      one SASL response line after a 334 challenge
     │   └── EndOfData         the message content is complete (4.1.1.4; RFC 3030 BDAT LAST)
     ├── DataStart             DATA accepted (354 already queued) or the first BDAT chunk began
     ├── DataChunk             decoded content: dot-unstuffed, every line ending in CRLF
     ├── DataAborted           the core refused the content and queued the reply; discard it
     ├── Reset                 the transaction is gone: every RSET; HELO/EHLO during a
     │                         transaction; after every DataAborted
+    ├── AuthAborted           the core ended a SASL exchange itself (overlong line): forget it
     ├── Quit                  221 queued; the connection closes
     └── ProtocolViolation     for the log: too many errors, an overlong command line ...
 
@@ -23,7 +27,7 @@ to pipelined commands (RFC 2920) in order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from postroom.message.address import Address
 from postroom.smtp.codes import Reply
@@ -82,6 +86,24 @@ class StartTls(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class Auth(Request):
+    """AUTH (RFC 4954 4). Answer ``334 <base64>`` to send a challenge (the core then reads one
+    :class:`AuthResponse`), ``235 2.7.0`` when authenticated, or a failure reply. The core has
+    checked the state, TLS and the mechanism's syntax; the transport runs the SASL exchange."""
+
+    mechanism: str  # upper-cased SASL mechanism name
+    initial_response: str | None = field(repr=False)  # as sent: base64, "=" for empty; or None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse(Request):
+    """One client line after a 334 challenge, without its line end. Answered like :class:`Auth`.
+    It may hold a password (PLAIN, LOGIN): never log it."""
+
+    line: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class EndOfData(Request):
     """The message is complete. The transaction ends with the answer, whatever its code."""
 
@@ -108,6 +130,14 @@ class DataAborted(Event):
 @dataclass(frozen=True, slots=True)
 class Reset(Event):
     """The transaction in progress, if any, is discarded."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAborted(Event):
+    """The core ended the SASL exchange in progress and queued ``reply`` (a response line too
+    long, RFC 4954 4: 500 5.5.6); the transport drops the exchange."""
+
+    reply: Reply
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,9 +3,17 @@
 Commands: HELO, EHLO, MAIL, RCPT, DATA, BDAT (RFC 3030), RSET, NOOP, VRFY, HELP, QUIT, and
 STARTTLS (RFC 3207) when the transport lists it in ``extensions``. EHLO offers SIZE (RFC 1870),
 PIPELINING (RFC 2920), 8BITMIME (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034), SMTPUTF8 (RFC 6531),
-CHUNKING (RFC 3030) and DSN (RFC 3461), plus ``extensions`` (STARTTLS only before TLS). AUTH,
-EXPN, ETRN and the like get 502 5.5.1 until a transport offers them; CONNECT, GET, POST, PUT and
-HEAD (a web client or proxy pointed at us) end the session with 221 2.7.0, as Postfix does.
+CHUNKING (RFC 3030) and DSN (RFC 3461), plus ``extensions`` (STARTTLS only before TLS) and AUTH
+(RFC 4954) when the transport sets ``auth_mechanisms`` (listed only once TLS is up, unless
+``auth_requires_tls`` is off). EXPN, ETRN and the like get 502 5.5.1; CONNECT, GET, POST, PUT
+and HEAD (a web client or proxy pointed at us) end the session with 221 2.7.0, as Postfix does.
+
+AUTH: the core checks the state (after EHLO, outside a transaction, not twice: 503 5.5.1), TLS
+(538 5.7.11), the syntax (501 5.5.4) and the mechanism (504 5.5.4), then asks the transport with
+an :class:`Auth` request, which runs the SASL exchange. A ``334`` answer puts the core in
+IN_AUTH, where each line (up to :data:`AUTH_LINE` octets) is an :class:`AuthResponse`; ``235``
+marks the session authenticated; any other answer ends the exchange. With ``require_auth`` set
+(the submission ports) MAIL before AUTH gets 530 5.7.0.
 
 How a transport drives it::
 
@@ -27,9 +35,10 @@ every syntax, sequence and limit error. Every 4xx/5xx sent (the transport's incl
 an error; at ``max_errors`` the core adds 421 4.7.0 and closes (0 disables this). Accepting a
 message clears the count, as Postfix's "errors without delivering mail" does.
 
-Command lines are read up to :data:`COMMAND_LINE` octets, or :data:`COMMAND_LINE_WITH_PARAMS` for
-MAIL and RCPT; longer ones are drained to their LF, never buffered, and refused with 500 5.5.2.
-A command line may end with a bare LF.
+Command lines are read up to :data:`COMMAND_LINE` octets, :data:`COMMAND_LINE_WITH_PARAMS` for
+MAIL and RCPT, or :data:`AUTH_LINE` for AUTH and SASL responses; longer ones are drained to their
+LF, never buffered whole, and refused with 500 5.5.2 (500 5.5.6 in a SASL exchange). A command
+line may end with a bare LF. A 421 answer from the transport closes the session.
 """
 
 from __future__ import annotations
@@ -44,6 +53,9 @@ from postroom.smtp import codes
 from postroom.smtp.codes import Reply, with_host
 from postroom.smtp.data import ChunkDecoder, DataDecoder
 from postroom.smtp.events import (
+    Auth,
+    AuthAborted,
+    AuthResponse,
     DataAborted,
     DataChunk,
     DataStart,
@@ -76,8 +88,12 @@ COMMAND_LINE: Final = 512
 #: 535 for " NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=" and a 500-character value (RFC 3461 4.1, 4.2);
 #: MAIL up to 26 for SIZE (RFC 1870 3), 120 for RET and a 100-character ENVID (RFC 3461 4.3,
 #: 4.4), 14 for BODY=8BITMIME and 9 for SMTPUTF8; a 256-character UTF-8 path may take 768 octets
-#: more (RFC 6531 3.3). 512 + 535 + 768 = 1,815 at most: 2048 covers it, and is all we buffer.
+#: more (RFC 6531 3.3). 512 + 535 + 768 = 1,815 at most: 2048 covers it.
 COMMAND_LINE_WITH_PARAMS: Final = 2048
+#: RFC 4954 4: a SASL response (and AUTH's initial response) may be 12288 octets of base64; the
+#: line adds its CRLF and, for AUTH, the verb and a mechanism name of up to 20 characters (RFC
+#: 4422 3.1). This bounds what one session buffers while it reads a line.
+AUTH_LINE: Final = 12288 + len("AUTH ") + 20 + 1 + 2
 #: RFC 1870 3: SIZE's value has at most 20 digits; BDAT's chunk size is read the same way.
 _SIZE_DIGITS: Final = 20
 
@@ -85,12 +101,14 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters other 
 #: Verbs we know but do not offer: 502 5.5.1 (RFC 5321 4.2.4). STARTTLS and AUTH move to the
 #: command table when a transport offers them.
 _NOT_IMPLEMENTED: Final = frozenset(
-    {b"AUTH", b"EXPN", b"ETRN", b"TURN", b"ATRN", b"SEND", b"SOML", b"SAML",
+    {b"EXPN", b"ETRN", b"TURN", b"ATRN", b"SEND", b"SOML", b"SAML",
      b"XCLIENT", b"XFORWARD", b"BURL"}
 )
 #: A browser or proxy speaking HTTP at us: goodbye (Postfix's smtpd_forbidden_commands).
 _FORBIDDEN: Final = frozenset({b"CONNECT", b"GET", b"POST", b"PUT", b"HEAD"})
 _FORBIDDEN_REPLY: Final = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
+#: RFC 4422 3.1: a mechanism name is 1 to 20 of A-Z, 0-9, "-" and "_".
+_MECHANISM = re.compile(r"[A-Z0-9_-]{1,20}")
 
 
 class LocalProtocolError(PostroomError):
@@ -112,6 +130,7 @@ class ServerConnection:
     """One SMTP server session, without I/O. See the module docstring for the protocol."""
 
     __slots__ = (
+        "_authenticated",
         "_bdat_last",
         "_bdat_left",
         "_bdat_size",
@@ -130,7 +149,10 @@ class ServerConnection:
         "_smtputf8",
         "_state",
         "_tls",
+        "auth_mechanisms",
+        "auth_requires_tls",
         "extensions",
+        "require_auth",
     )
 
     def __init__(self, settings: ServerSettings) -> None:
@@ -149,11 +171,18 @@ class ServerConnection:
         self._bdat_left = 0  # octets of the current BDAT chunk still to read
         self._bdat_last = False  # the current BDAT chunk is the LAST
         self._skip = 0  # octets of a refused BDAT chunk still to throw away
-        self._long_line = False  # throwing away an overlong command line up to its LF
+        self._long_line: Reply | None = None  # throwing away an overlong line: its reply
         self._tls = False  # the session runs over TLS (STARTTLS done, or implicit TLS)
         self._eof = False  # the peer will send nothing more
+        self._authenticated = False  # AUTH succeeded in this session (RFC 4954)
         #: Extra EHLO keywords for this session; the transport may add e.g. "STARTTLS".
         self.extensions: list[str] = []
+        #: SASL mechanisms AUTH offers in this session; empty: AUTH gets 502 (not offered).
+        self.auth_mechanisms: list[str] = []
+        #: AUTH only inside TLS (RFC 8314 and the issue): before it, 538 5.7.11.
+        self.auth_requires_tls = True
+        #: MAIL needs a successful AUTH first (submission, RFC 6409 4.1): else 530 5.7.0.
+        self.require_auth = False
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -182,6 +211,10 @@ class ServerConnection:
         return self._tls
 
     @property
+    def authenticated(self) -> bool:
+        return self._authenticated
+
+    @property
     def buffered(self) -> int:
         """Octets received and not consumed yet (bounded unless a Request is pending)."""
         tail = self._decoder.buffered if isinstance(self._decoder, DataDecoder) else 0
@@ -206,6 +239,7 @@ class ServerConnection:
         """The TLS handshake after our 220 to STARTTLS succeeded (RFC 3207 4.2): the session
         starts over, and EHLO must be sent again. Also call it at once for implicit TLS."""
         self._tls = True
+        self._authenticated = False  # RFC 3207 4.2: nothing learnt before TLS is kept
         if self._state is State.WAIT_TLS:
             self._in.clear()  # nothing sent in plaintext may count after the handshake
             self._state = next_state(self._state, Input.TLS_UP)
@@ -262,7 +296,15 @@ class ServerConnection:
             # they are dropped, never run inside the TLS session.
             self._in.clear()
             self._state = next_state(self._state, Input.STARTTLS)
+        elif isinstance(request, (Auth, AuthResponse)):
+            if reply.code == 334:
+                self._state = next_state(self._state, Input.AUTH)
+            else:
+                self._state = next_state(self._state, Input.AUTH_END)
+                self._authenticated = self._authenticated or reply.code == 235
         self._reply(reply)
+        if reply.code == 421 and self._state is not State.CLOSED:
+            self._close()  # RFC 5321 3.8: 421 means the channel is closing
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -320,7 +362,13 @@ class ServerConnection:
             settings.hostname, f"SIZE {size}", "PIPELINING", "8BITMIME",
             "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "DSN",
             *(e for e in self.extensions if not (self._tls and e == "STARTTLS")),
+            *self._auth_keyword(),
         ))
+
+    def _auth_keyword(self) -> tuple[str, ...]:
+        if self.auth_mechanisms and (self._tls or not self.auth_requires_tls):
+            return ("AUTH " + " ".join(self.auth_mechanisms),)
+        return ()
 
     def _reset_transaction(self, always: bool = False) -> None:
         """RSET, or HELO/EHLO (RFC 5321 4.1.1.1, 4.1.1.5): drop the transaction, if any.
@@ -357,6 +405,9 @@ class ServerConnection:
             elif state in COMMAND_STATES:
                 if not self._read_command():
                     break
+            elif state is State.IN_AUTH:
+                if not self._read_auth_response():
+                    break
             else:  # CLOSED
                 break
 
@@ -364,30 +415,55 @@ class ServerConnection:
         """Handle one command line; False when no whole line is buffered."""
         buf = self._in
         newline = buf.find(b"\n")
-        if self._long_line:  # throwing away an overlong line
+        if self._long_line is not None:  # throwing away an overlong line
             if newline < 0:
                 buf.clear()
                 return False
             del buf[: newline + 1]
-            self._long_line = False
-            self._refuse_long_line()
+            reply, self._long_line = self._long_line, None
+            self._refuse_long_line(reply)
             return True
+        bound = AUTH_LINE if self.auth_mechanisms else COMMAND_LINE_WITH_PARAMS
         if newline < 0:
-            if len(buf) > COMMAND_LINE_WITH_PARAMS:
+            if len(buf) > bound:
                 buf.clear()
-                self._long_line = True
+                self._long_line = codes.LINE_TOO_LONG
             return False
         line = bytes(buf[: newline + 1])
         del buf[: newline + 1]
-        if len(line) > COMMAND_LINE_WITH_PARAMS:
-            self._refuse_long_line()
+        if len(line) > bound:
+            self._refuse_long_line(codes.LINE_TOO_LONG)
         else:
             self._command(line)
         return True
 
-    def _refuse_long_line(self) -> None:
-        self._events.append(ProtocolViolation(codes.LINE_TOO_LONG))
-        self._reply(codes.LINE_TOO_LONG)
+    def _read_auth_response(self) -> bool:
+        """One SASL response line (RFC 4954 4); False when no whole line is buffered."""
+        buf = self._in
+        newline = buf.find(b"\n")
+        if newline < 0 and len(buf) <= AUTH_LINE:
+            return False
+        if newline < 0 or newline + 1 > AUTH_LINE:  # too long: the exchange is over
+            if newline < 0:
+                buf.clear()
+                self._long_line = codes.AUTH_LINE_TOO_LONG  # the rest is drained as a command
+            else:
+                del buf[: newline + 1]
+            self._state = next_state(self._state, Input.AUTH_END)
+            self._events.append(AuthAborted(codes.AUTH_LINE_TOO_LONG))
+            if self._long_line is None:
+                self._refuse_long_line(codes.AUTH_LINE_TOO_LONG)
+            return True
+        line = bytes(buf[:newline])
+        del buf[: newline + 1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        self._request(AuthResponse(line))
+        return True
+
+    def _refuse_long_line(self, reply: Reply) -> None:
+        self._events.append(ProtocolViolation(reply))
+        self._reply(reply)
 
     def _command(self, line: bytes) -> None:
         text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
@@ -404,8 +480,9 @@ class ServerConnection:
             else:
                 self._reply(codes.UNRECOGNIZED)
             return
-        if len(line) > COMMAND_LINE and verb not in (b"MAIL", b"RCPT"):
-            self._reply(codes.LINE_TOO_LONG)
+        limit = _LINE_LIMITS.get(verb, COMMAND_LINE)
+        if len(line) > limit:
+            self._refuse_long_line(codes.LINE_TOO_LONG)
             return
         if _CONTROL.search(arg_bytes) is not None:
             self._reply(Reply(501, "5.5.4", "Syntax error: control character in command"))
@@ -491,6 +568,28 @@ class ServerConnection:
         else:
             self._request(StartTls())
 
+    def _auth(self, arg: str) -> None:
+        """AUTH mechanism [initial-response] (RFC 4954 4)."""
+        if not self.auth_mechanisms:
+            self._reply(codes.NOT_IMPLEMENTED)
+        elif not allowed(self._state, Input.AUTH):
+            self._reply(sequence_error(self._state, Input.AUTH))
+        elif self._authenticated:
+            self._reply(Reply(503, "5.5.1", "Error: already authenticated"))
+        elif not self._esmtp:
+            self._reply(Reply(503, "5.5.1", "Error: send EHLO first"))
+        elif self.auth_requires_tls and not self._tls:
+            self._reply(codes.ENCRYPTION_REQUIRED)
+        else:
+            words = arg.split(" ")
+            mechanism = words[0].upper()
+            if len(words) > 2 or _MECHANISM.fullmatch(mechanism) is None or words[-1] == "":
+                self._reply(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+            elif mechanism not in self.auth_mechanisms:
+                self._reply(codes.AUTH_MECHANISM)
+            else:
+                self._request(Auth(mechanism, words[1] if len(words) == 2 else None))
+
     def _helo(self, arg: str) -> None:
         self._hello("HELO", arg)
 
@@ -500,6 +599,12 @@ class ServerConnection:
     def _mail(self, arg: str) -> None:
         if not allowed(self._state, Input.MAIL):
             self._reply(sequence_error(self._state, Input.MAIL))
+            return
+        if self.require_auth and not self._authenticated:
+            if self.auth_requires_tls and not self._tls:
+                self._reply(Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
+            else:
+                self._reply(codes.AUTH_REQUIRED)
             return
         try:
             event = mail_from(arg, esmtp=self._esmtp, max_size=self._settings.max_message_size)
@@ -626,4 +731,12 @@ _COMMANDS: Final[dict[bytes, Callable[[ServerConnection, str], None]]] = {
     b"HELP": ServerConnection._help,
     b"QUIT": ServerConnection._quit,
     b"STARTTLS": ServerConnection._starttls,
+    b"AUTH": ServerConnection._auth,
+}
+
+#: Longest line per verb, CRLF included; every other verb gets :data:`COMMAND_LINE`.
+_LINE_LIMITS: Final[dict[bytes, int]] = {
+    b"MAIL": COMMAND_LINE_WITH_PARAMS,
+    b"RCPT": COMMAND_LINE_WITH_PARAMS,
+    b"AUTH": AUTH_LINE,
 }

@@ -12,6 +12,9 @@ States are named for what the machine waits for. The order of commands is RFC 53
                             |                        +---BDAT---->   |                  |
                             +--------------------END (answered or aborted)--------------+
 
+AUTH (RFC 4954) is taken in WAIT_MAIL only; a 334 answer moves to IN_AUTH, where each line is a
+SASL response, until the exchange ends (AUTH_END) back in WAIT_MAIL.
+
 HELLO and RSET lead back to WAIT_MAIL from every state that reads commands (RFC 5321 4.1.4:
 EHLO implies RSET); RSET before HELO stays in WAIT_HELO. MAIL, RCPT and HELLO move the machine
 only when the transport answers 2xx; DATA and BDAT move it at once. CLOSED is reached from
@@ -38,6 +41,7 @@ class State(Enum):
     IN_BDAT = auto()  # reading the octets of a BDAT chunk
     WAIT_BDAT = auto()  # a BDAT chunk was read; the next BDAT (or RSET) expected
     WAIT_TLS = auto()  # 220 to STARTTLS sent; the transport does the TLS handshake (RFC 3207)
+    IN_AUTH = auto()  # a 334 challenge was sent; a SASL response line expected (RFC 4954 4)
     CLOSED = auto()  # final
 
 
@@ -52,6 +56,8 @@ class Input(Enum):
     RSET = auto()  # RSET
     STARTTLS = auto()  # STARTTLS answered 220
     TLS_UP = auto()  # the transport finished the TLS handshake
+    AUTH = auto()  # AUTH (or a response) answered 334: the exchange goes on
+    AUTH_END = auto()  # the exchange ended: 235, or any failure
 
 
 _S = State
@@ -66,6 +72,11 @@ TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
     # RFC 3207 4.2: after the handshake the session starts over: a new EHLO is needed.
     (_S.WAIT_TLS, _I.TLS_UP): _S.WAIT_HELO,
     (_S.WAIT_MAIL, _I.HELLO): _S.WAIT_MAIL,
+    # RFC 4954 4: AUTH only outside a mail transaction; each 334 waits for one response line.
+    (_S.WAIT_MAIL, _I.AUTH): _S.IN_AUTH,
+    (_S.WAIT_MAIL, _I.AUTH_END): _S.WAIT_MAIL,
+    (_S.IN_AUTH, _I.AUTH): _S.IN_AUTH,
+    (_S.IN_AUTH, _I.AUTH_END): _S.WAIT_MAIL,
     (_S.WAIT_MAIL, _I.MAIL): _S.WAIT_RCPT,
     (_S.WAIT_MAIL, _I.RSET): _S.WAIT_MAIL,
     (_S.WAIT_RCPT, _I.HELLO): _S.WAIT_MAIL,
@@ -117,6 +128,10 @@ _SEQUENCE_TEXT: Final[dict[tuple[State, Input], str]] = {
     (_S.WAIT_RCPT, _I.STARTTLS): "Error: MAIL transaction in progress",
     (_S.WAIT_DATA, _I.STARTTLS): "Error: MAIL transaction in progress",
     (_S.WAIT_BDAT, _I.STARTTLS): "Error: MAIL transaction in progress",
+    (_S.WAIT_HELO, _I.AUTH): "Error: send EHLO first",
+    (_S.WAIT_RCPT, _I.AUTH): "Error: MAIL transaction in progress",
+    (_S.WAIT_DATA, _I.AUTH): "Error: MAIL transaction in progress",
+    (_S.WAIT_BDAT, _I.AUTH): "Error: MAIL transaction in progress",
 }
 
 
