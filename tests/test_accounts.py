@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from postroom.accounts.store import AccountStore, Alias, check_domain, normalize_domain
+from postroom.accounts.store import (
+    AccountStore,
+    Alias,
+    Sender,
+    check_domain,
+    normalize_domain,
+)
 from postroom.config import from_dict
-from postroom.errors import AccountError
+from postroom.errors import AccountError, StorageError
 
 #: A real argon2id hash (of "pw" at the lowest cost); the store only checks its shape.
 HASH = "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHRzYWx0$6Kb0jT4pNOz2J5m4Yx1T8w"
@@ -41,9 +47,9 @@ def test_database_file_settings(tmp_path: Path, store: AccountStore) -> None:
     other = sqlite3.connect(db)
     try:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert other.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert other.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
         tables = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"domains", "users", "aliases", "schema_version"} <= tables
+        assert {"domains", "users", "aliases", "senders", "schema_version"} <= tables
     finally:
         other.close()
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
@@ -360,3 +366,264 @@ def test_alias_errors(store: AccountStore) -> None:
     store.add_alias("x@example.com", "alice@example.com")
     with pytest.raises(AccountError, match="an alias with this address exists"):
         store.add_user("X@example.com", HASH)
+
+
+# --- schema 2: the upgrade from schema 1 ---------------------------------------------------------
+
+#: The version 1 schema, verbatim as postroom wrote it.
+V1_SCHEMA = """
+CREATE TABLE domains (
+    name     TEXT PRIMARY KEY,
+    created  INTEGER NOT NULL
+);
+CREATE TABLE users (
+    address        TEXT PRIMARY KEY,
+    lookup         TEXT NOT NULL UNIQUE,
+    domain         TEXT NOT NULL REFERENCES domains(name),
+    password_hash  TEXT NOT NULL,
+    quota          INTEGER NOT NULL DEFAULT 0 CHECK (quota >= 0),
+    maildir        TEXT NOT NULL,
+    created        INTEGER NOT NULL
+);
+CREATE INDEX users_domain ON users(domain);
+CREATE TABLE aliases (
+    source       TEXT NOT NULL,
+    lookup       TEXT NOT NULL,
+    destination  TEXT NOT NULL,
+    domain       TEXT NOT NULL REFERENCES domains(name),
+    created      INTEGER NOT NULL,
+    PRIMARY KEY (lookup, destination)
+);
+CREATE INDEX aliases_domain ON aliases(domain);
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version (version) VALUES (1);
+INSERT INTO domains VALUES ('example.com', 1700000000);
+INSERT INTO users VALUES ('Alice@example.com', 'alice@example.com', 'example.com',
+    '$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHRzYWx0$6Kb0jT4pNOz2J5m4Yx1T8w', 500,
+    'example.com/Alice', 1700000000);
+INSERT INTO aliases VALUES ('info@example.com', 'info@example.com', 'Alice@example.com',
+    'example.com', 1700000000);
+"""
+
+
+def make_v1(path: Path, extra: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA + extra)
+    db.close()
+
+
+def columns(db_path: Path) -> dict[str, list[tuple[str, str, int]]]:
+    db = sqlite3.connect(db_path)
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {
+            t: sorted((c[1], c[2], c[3]) for c in db.execute(f"PRAGMA table_info({t})"))
+            for t in sorted(tables)
+        }
+    finally:
+        db.close()
+
+
+def test_v1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    old = tmp_path / "old" / "accounts.db"
+    make_v1(old)
+    with AccountStore(old, tmp_path / "old" / "mail") as store:
+        user = store.get_user("alice@example.com")
+        assert user is not None
+        assert (user.address, user.quota, user.password_hash) == ("Alice@example.com", 500, HASH)
+        assert user.scram_sha256 is None and user.cram_md5 is None
+        assert user.mechanisms == ("PLAIN", "LOGIN")
+        assert store.alias_targets("info@example.com") == ["Alice@example.com"]
+        assert store.may_send_as("alice@example.com", "info@example.com")
+        store.add_sender("alice@example.com", "@example.org")  # the new table works
+    # An upgraded database has the columns a new one has.
+    new = tmp_path / "new" / "accounts.db"
+    AccountStore(new, tmp_path / "new" / "mail").close()
+    assert columns(old) == columns(new)
+    db = sqlite3.connect(old)
+    try:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "senders_lookup" in indexes
+    finally:
+        db.close()
+    AccountStore(old, tmp_path / "old" / "mail").close()  # opening again changes nothing
+    assert columns(old) == columns(new)
+
+
+def test_a_failed_upgrade_leaves_version_1_untouched(tmp_path: Path) -> None:
+    """The upgrade runs in one transaction: a step that fails rolls back the steps before it."""
+    path = tmp_path / "accounts.db"
+    make_v1(path, "CREATE TABLE senders (x INTEGER);")  # in the way of the upgrade's CREATE
+    before = columns(path)
+    with pytest.raises(StorageError, match="already exists"):
+        AccountStore(path, tmp_path / "mail")
+    assert columns(path) == before  # users did not gain its columns
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    finally:
+        db.close()
+
+
+def test_concurrent_openers_upgrade_once(tmp_path: Path) -> None:
+    path = tmp_path / "accounts.db"
+    make_v1(path)
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from postroom.accounts.store import AccountStore
+        AccountStore(Path({str(path)!r}), Path({str(tmp_path / "mail")!r})).close()
+        """
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(4)]
+    assert [p.wait(60) for p in procs] == [0, 0, 0, 0]
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    finally:
+        db.close()
+
+
+# --- credentials columns -------------------------------------------------------------------------
+
+SCRAM = (
+    "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:"
+    "wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="
+)
+
+
+def test_credentials_are_stored_and_replaced_together(store: AccountStore) -> None:
+    store.add_domain("example.com")
+    user = store.add_user("alice@example.com", HASH, scram_sha256=SCRAM, cram_md5=b"\x01sealed")
+    assert user.mechanisms == ("PLAIN", "LOGIN", "SCRAM-SHA-256", "CRAM-MD5")
+    assert SCRAM not in repr(user) and "sealed" not in repr(user)
+    found = store.get_user("ALICE@example.com")
+    assert found is not None and (found.scram_sha256, found.cram_md5) == (SCRAM, b"\x01sealed")
+    # A password set without the other credentials clears them: none may outlive the password.
+    store.set_password("alice@example.com", HASH)
+    found = store.get_user("alice@example.com")
+    assert found is not None and (found.scram_sha256, found.cram_md5) == (None, None)
+    store.set_password("alice@example.com", HASH, scram_sha256=SCRAM)
+    store.set_cram_md5("alice@example.com", b"\x01again")
+    found = store.get_user("alice@example.com")
+    assert found is not None and found.mechanisms[-1] == "CRAM-MD5"
+    store.set_cram_md5("alice@example.com", None)
+    found = store.get_user("alice@example.com")
+    assert found is not None and found.mechanisms == ("PLAIN", "LOGIN", "SCRAM-SHA-256")
+    assert [u.mechanisms for u in store.list_users()] == [found.mechanisms]
+    with pytest.raises(AccountError, match="RFC 5803"):
+        store.set_password("alice@example.com", HASH, scram_sha256="SCRAM-SHA-256$bogus")
+    with pytest.raises(AccountError, match="RFC 5803"):
+        store.add_user("bob@example.com", HASH, scram_sha256="plain text")
+    with pytest.raises(AccountError, match="no such user"):
+        store.set_cram_md5("bob@example.com", None)
+
+
+# --- senders and may_send_as ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def senders(store: AccountStore) -> AccountStore:
+    store.add_domain("example.com")
+    store.add_domain("example.org")
+    store.add_domain("bücher.example")
+    store.add_user("Alice@example.com", HASH)
+    store.add_user("bob@example.com", HASH)
+    store.add_user("jürgen@bücher.example", HASH)
+    store.add_alias("info@example.com", "alice@EXAMPLE.com")
+    store.add_alias("info@example.com", "someone@elsewhere.net")
+    store.add_alias("team@example.com", "info@example.com")  # alice only through another alias
+    store.add_alias("sales@example.com", "alice+sales@example.com")
+    store.add_alias("@example.org", "alice@example.com")  # catch-all
+    return store
+
+
+@pytest.mark.parametrize(
+    ("sender", "allowed"),
+    [
+        ("Alice@example.com", True),  # own address
+        ("alice@EXAMPLE.COM.", True),  # case and the trailing dot do not matter
+        ("ALICE@xn--example-invalid.com", False),
+        ("alice+lists@example.com", True),  # subaddress
+        ("alice+@example.com", True),
+        ("+alice@example.com", False),  # a delimiter first is no subaddress (as the router)
+        ("info@example.com", True),  # alias naming alice
+        ("INFO+x@example.com", True),  # ... with a tag
+        ("sales@example.com", True),  # alias to alice's +tag
+        ("team@example.com", False),  # only through another alias
+        ("anything@example.org", False),  # a catch-all grants nothing
+        ("bob@example.com", False),  # another user's address
+        ("bob+alice@example.com", False),
+        ("nobody@example.com", False),
+        ("alice@example.net", False),
+        ("alice", False),  # no domain
+        ("@example.com", False),  # no local part
+        ("", True),  # the null reverse-path
+        (" ", False),  # only exactly "" is the null path
+    ],
+)
+def test_may_send_as(senders: AccountStore, sender: str, allowed: bool) -> None:
+    assert senders.may_send_as("alice@example.com", sender) is allowed
+
+
+def test_may_send_as_idn_and_unknown_login(senders: AccountStore) -> None:
+    assert senders.may_send_as("JÜRGEN@xn--bcher-kva.example", "jürgen@bücher.example")
+    assert senders.may_send_as("jürgen@bücher.example", "J\u00dcrgen+x@XN--BCHER-KVA.example")
+    for login in ("carol@example.com", "info@example.com", "alice", "", "\ud800@example.com"):
+        assert not senders.may_send_as(login, "")
+        assert not senders.may_send_as(login, "info@example.com")
+    assert not senders.may_send_as("alice@example.com", "\udcff@example.com")
+
+
+def test_may_send_as_delimiter(senders: AccountStore) -> None:
+    assert not senders.may_send_as("alice@example.com", "alice+x@example.com", delimiter="")
+    assert not senders.may_send_as("alice@example.com", "alice-x@example.com")
+    assert senders.may_send_as("alice@example.com", "alice-x@example.com", delimiter="+-")
+    # Without subaddressing an alias to alice+sales no longer names alice.
+    assert not senders.may_send_as("alice@example.com", "sales@example.com", delimiter="")
+
+
+def test_sender_rows(senders: AccountStore) -> None:
+    assert not senders.may_send_as("bob@example.com", "ceo@example.com")
+    assert senders.add_sender("BOB@example.com", "CEO@Example.COM") == Sender(
+        "bob@example.com", "CEO@example.com"
+    )
+    assert senders.add_sender("bob@example.com", "@Partner.EXAMPLE") == Sender(
+        "bob@example.com", "@partner.example"
+    )
+    senders.add_sender("alice@example.com", "alice@gmail.example")
+    assert senders.may_send_as("bob@example.com", "ceo@example.com")
+    assert senders.may_send_as("bob@example.com", "Ceo+news@EXAMPLE.com")
+    assert senders.may_send_as("bob@example.com", "anyone@partner.example.")
+    assert not senders.may_send_as("bob@example.com", "anyone@sub.partner.example")
+    assert not senders.may_send_as("alice@example.com", "ceo@example.com")  # bob's row only
+    assert not senders.may_send_as("bob@example.com", "alice@gmail.example")
+    assert senders.list_senders() == [
+        Sender("Alice@example.com", "alice@gmail.example"),
+        Sender("bob@example.com", "CEO@example.com"),
+        Sender("bob@example.com", "@partner.example"),
+    ]
+    assert senders.list_senders("BOB@example.com") == senders.list_senders()[1:]
+    with pytest.raises(AccountError, match=r"bob@example\.com may already send as ceo@example\.com"):
+        senders.add_sender("bob@example.com", "ceo@example.com")
+    with pytest.raises(AccountError, match="no such user"):
+        senders.add_sender("carol@example.com", "x@example.com")
+    with pytest.raises(AccountError, match="bad domain name syntax"):
+        senders.add_sender("bob@example.com", "@bad domain")
+    with pytest.raises(AccountError, match="bad address syntax"):
+        senders.add_sender("bob@example.com", "nodomain")
+    senders.remove_sender("bob@example.com", "ceo@EXAMPLE.com")
+    assert not senders.may_send_as("bob@example.com", "ceo@example.com")
+    with pytest.raises(AccountError, match="no such sender"):
+        senders.remove_sender("bob@example.com", "ceo@example.com")
+    with pytest.raises(AccountError, match="no such user"):
+        senders.remove_sender("carol@example.com", "@partner.example")
+    # Rows go with their user, also when the whole domain goes.
+    senders.remove_user("bob@example.com")
+    assert senders.list_senders() == [Sender("Alice@example.com", "alice@gmail.example")]
+    senders.add_user("bob@example.com", HASH)
+    assert not senders.may_send_as("bob@example.com", "anyone@partner.example")  # not inherited
+    senders.remove_domain("example.com", force=True)
+    assert senders.list_senders() == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from postroom.accounts.credentials import AccountCredentials
 from postroom.accounts.passwords import verify_password
+from postroom.accounts.secrets import ServerKey
 from postroom.accounts.store import AccountStore
 from postroom.cli import format_size, main, parse_size
 
@@ -63,6 +66,10 @@ class Cli:
     def store(self) -> AccountStore:
         return AccountStore(self.root / "data" / "accounts.db", self.root / "data" / "mail")
 
+    def credentials(self, store: AccountStore) -> AccountCredentials:
+        """What the server will look SASL identities up in, with the CLI's server key."""
+        return AccountCredentials(store, ServerKey.load_or_create(self.root / "data").cram_box())
+
 
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
@@ -104,7 +111,8 @@ def test_user_add_from_stdin_and_list(cli: Cli) -> None:
     assert record["address"] == "Alice@example.com"
     assert record["quota"] == 0
     assert record["maildir"] == str(cli.root / "data" / "mail" / "example.com" / "Alice")
-    assert set(record) == {"address", "quota", "maildir", "created"}  # never the hash
+    assert set(record) == {"address", "quota", "maildir", "created", "mechanisms"}  # no hash
+    assert record["mechanisms"] == ["PLAIN", "LOGIN", "SCRAM-SHA-256"]
     assert (cli.root / "data" / "mail" / "example.com" / "Alice" / "new").is_dir()
     with cli.store() as store:
         user = store.get_user("alice@example.com")
@@ -113,6 +121,8 @@ def test_user_add_from_stdin_and_list(cli: Cli) -> None:
         assert verify_password(user.password_hash, "s3cret pw")
     table = cli("user", "list", "example.com").stdout
     assert "Alice@example.com" in table and "unlimited" in table
+    assert "PLAIN LOGIN SCRAM-SHA-256" in table and "CRAM-MD5" not in table
+    assert not (cli.root / "data" / "keys").exists()  # the server key is made only when needed
     assert cli.json("user", "list", "example.org") == []
 
 
@@ -173,6 +183,111 @@ def test_passwd_and_remove(cli: Cli) -> None:
     assert cli.json("user", "list") == []
     assert (cli.root / "data" / "mail" / "example.com" / "alice" / "cur").is_dir()
     cli("user", "remove", "alice@example.com", code=1)
+
+
+def test_user_add_with_cram_md5(cli: Cli) -> None:
+    cli("domain", "add", "example.com")
+    cli("user", "add", "Alice@example.com", "--allow-cram-md5", "--password-stdin", input="pw one\n")
+    cli("user", "add", "bob@example.com", "--password-stdin", input="pw two\n")
+    mechanisms = {u["address"]: u["mechanisms"] for u in cli.json("user", "list")}
+    assert mechanisms == {
+        "Alice@example.com": ["PLAIN", "LOGIN", "SCRAM-SHA-256", "CRAM-MD5"],
+        "bob@example.com": ["PLAIN", "LOGIN", "SCRAM-SHA-256"],
+    }
+    assert "PLAIN LOGIN SCRAM-SHA-256 CRAM-MD5" in cli("user", "list").stdout
+    key = cli.root / "data" / "keys" / "server.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    with cli.store() as store:
+        creds = cli.credentials(store)
+        assert creds.cram_secret("alice@example.com") == "pw one"
+        assert creds.cram_secret("bob@example.com") is None
+        keys = creds.scram_keys("bob@example.com", "SCRAM-SHA-256")
+        assert keys is not None and keys.iterations == 4096
+    raw = (cli.root / "data" / "accounts.db").read_bytes()
+    wal = cli.root / "data" / "accounts.db-wal"
+    raw += wal.read_bytes() if wal.exists() else b""
+    assert b"pw one" not in raw
+
+
+def test_passwd_derives_every_credential_again(cli: Cli) -> None:
+    cli("domain", "add", "example.com")
+    cli("user", "add", "alice@example.com", "--allow-cram-md5", "--password-stdin", input="old\n")
+    cli("user", "add", "bob@example.com", "--password-stdin", input="old\n")
+    with cli.store() as store:
+        before = {a: cli.credentials(store).scram_keys(a, "SCRAM-SHA-256")
+                  for a in ("alice@example.com", "bob@example.com")}
+    cli("user", "passwd", "alice@example.com", "--password-stdin", input="new\n")
+    cli("user", "passwd", "bob@example.com", "--password-stdin", input="new\n")
+    with cli.store() as store:
+        creds = cli.credentials(store)
+        for address in ("alice@example.com", "bob@example.com"):
+            keys = creds.scram_keys(address, "SCRAM-SHA-256")
+            assert keys is not None and keys != before[address]
+            hashed = creds.password_hash(address)
+            assert hashed is not None and verify_password(hashed, "new")
+        assert creds.cram_secret("alice@example.com") == "new"  # kept on, follows the password
+        assert creds.cram_secret("bob@example.com") is None  # still off
+
+
+def test_passwd_gives_a_schema_1_user_scram_keys(cli: Cli) -> None:
+    cli("domain", "add", "example.com")
+    cli("user", "add", "alice@example.com", "--password-stdin", input="pw\n")
+    db = sqlite3.connect(cli.root / "data" / "accounts.db")  # as an upgraded v1 row looks
+    db.execute("UPDATE users SET scram_sha256 = NULL")
+    db.commit()
+    db.close()
+    assert cli.json("user", "list")[0]["mechanisms"] == ["PLAIN", "LOGIN"]
+    cli("user", "passwd", "alice@example.com", "--password-stdin", input="pw\n")
+    assert cli.json("user", "list")[0]["mechanisms"] == ["PLAIN", "LOGIN", "SCRAM-SHA-256"]
+
+
+def test_cram_md5_on_and_off(cli: Cli) -> None:
+    cli("domain", "add", "example.com")
+    cli("user", "add", "alice@example.com", "--password-stdin", input="the pw\n")
+    result = cli("user", "cram-md5", "alice@example.com", "on", "--password-stdin",
+                 input="not it\n", code=1)
+    assert "not the account's password" in result.stderr and "not it" not in result.output
+    assert "CRAM-MD5" not in cli.json("user", "list")[0]["mechanisms"]
+    # The prompt asks twice, as user passwd does.
+    result = cli("user", "cram-md5", "ALICE@example.com", "on", input="the pw\nthe pw\n")
+    assert result.stdout.endswith("CRAM-MD5 on for alice@example.com\n")
+    assert "the pw" not in result.output
+    with cli.store() as store:
+        assert cli.credentials(store).cram_secret("alice@example.com") == "the pw"
+    assert cli("user", "cram-md5", "alice@example.com", "off").stdout == (
+        "CRAM-MD5 off for alice@example.com (secret deleted)\n"
+    )
+    with cli.store() as store:
+        user = store.get_user("alice@example.com")
+        assert user is not None and user.cram_md5 is None
+    result = cli("user", "cram-md5", "ghost@example.com", "off", code=1)
+    assert result.stderr == "Error: ghost@example.com: no such user\n"
+    cli("user", "cram-md5", "alice@example.com", "maybe", code=2)
+
+
+def test_user_senders(cli: Cli) -> None:
+    cli("domain", "add", "example.com")
+    cli("user", "add", "alice@example.com", "--password-stdin", input="pw\n")
+    result = cli("user", "sender", "add", "ALICE@example.com", "ceo@example.com", "@Partner.example")
+    assert result.stdout == (
+        "alice@example.com may send as ceo@example.com\n"
+        "alice@example.com may send as @partner.example\n"
+    )
+    assert cli.json("user", "sender", "list") == [
+        {"login": "alice@example.com", "sender": "ceo@example.com"},
+        {"login": "alice@example.com", "sender": "@partner.example"},
+    ]
+    assert "@partner.example" in cli("user", "sender", "list", "alice@example.com").stdout
+    with cli.store() as store:
+        assert store.may_send_as("alice@example.com", "x@partner.example")
+    cli("user", "sender", "remove", "alice@example.com", "@partner.example")
+    assert len(cli.json("user", "sender", "list", "alice@example.com")) == 1
+    result = cli("user", "sender", "remove", "alice@example.com", "@partner.example", code=1)
+    assert "no such sender" in result.stderr
+    result = cli("user", "sender", "add", "ghost@example.com", "x@example.com", code=1)
+    assert result.stderr == "Error: ghost@example.com: no such user\n"
+    result = cli("user", "sender", "list", "ghost@example.com", code=1)
+    assert result.stderr == "Error: ghost@example.com: no such user\n"
 
 
 def test_aliases(cli: Cli) -> None:
@@ -311,3 +426,12 @@ def test_installed_program(tmp_path: Path) -> None:
     bad = run("-c", str(tmp_path / "nope.toml"), "domain", "list")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert (tmp_path / "data" / "accounts.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_scram_iterations_from_config(tmp_path: Path) -> None:
+    cli = Cli(tmp_path, "[auth]\nscram_iterations = 6000\n")
+    cli("domain", "add", "example.com")
+    cli("user", "add", "a@example.com", "--password-stdin", input="pw\n")
+    with cli.store() as store:
+        keys = cli.credentials(store).scram_keys("a@example.com", "SCRAM-SHA-256")
+        assert keys is not None and keys.iterations == 6000

@@ -17,10 +17,29 @@ def test_embedded_defaults_are_safe() -> None:
     assert cfg.smtp.max_recipients == 1000
     assert cfg.smtp.max_received_headers == 100
     assert not cfg.smtp.reject_bare_lf
-    [listener] = cfg.listeners()
-    assert listener.role == "mx"
-    assert listener.host_port()[1] in (25, 2525)
+    listeners = {listener.role: listener for listener in cfg.listeners()}
+    assert set(listeners) == {"mx", "submission", "submissions"}
+    ports = {role: listener.host_port()[1] for role, listener in listeners.items()}
+    assert ports in ({"mx": 25, "submission": 587, "submissions": 465},
+                     {"mx": 2525, "submission": 2587, "submissions": 2465})
+    assert not listeners["mx"].offers_auth and not listeners["mx"].requires_auth
+    assert listeners["submission"].offers_auth and listeners["submission"].requires_auth
+    assert listeners["submissions"].implicit_tls and not listeners["submission"].implicit_tls
+    assert cfg.auth.mechanisms == ["SCRAM-SHA-256", "PLAIN", "LOGIN"]
+    assert not cfg.auth.allow_plaintext_on_loopback
     assert cfg.hostname and "." not in cfg.hostname[-1:]
+
+
+def test_auth_limits_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text("[auth]\nip_free_failures = 5\nip_max_failures = 5\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert "ip_max_failures must be greater than ip_free_failures" in str(info.value)
+    path.write_text('[auth]\nmechanisms = ["DIGEST-MD5"]\n')
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert "invalid value for 'auth.mechanisms[0]'" in str(info.value)
 
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:

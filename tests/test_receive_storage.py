@@ -57,7 +57,7 @@ async def running(tmp_path: Path, disk: Disk) -> AsyncIterator[tuple[int, Path]]
     server = SmtpServer(cfg, receiver)
     sock = bind_listener(cfg.listeners()[0])
     port = sock.getsockname()[1]
-    await server.start([sock])
+    await server.start([(sock, cfg.listeners()[0])])
     try:
         yield port, cfg.data_dir
     finally:

@@ -3,7 +3,8 @@
 ::
 
     postroom [-c FILE] domain add|list|remove ...
-    postroom [-c FILE] user add|list|remove|passwd|quota ...
+    postroom [-c FILE] user add|list|remove|passwd|quota|cram-md5 ...
+    postroom [-c FILE] user sender add|list|remove ...
     postroom [-c FILE] alias add|list|remove ...
     postroom [-c FILE] check-config
 
@@ -29,8 +30,10 @@ from rich.table import Table
 
 from postroom import __version__
 from postroom import config as config_mod
-from postroom.accounts.passwords import hash_password
-from postroom.accounts.store import AccountStore, User
+from postroom.accounts.credentials import PasswordCredentials, derive_credentials, seal_cram_secret
+from postroom.accounts.passwords import verify_password
+from postroom.accounts.secrets import ServerKey
+from postroom.accounts.store import AccountStore, User, data_owner
 from postroom.errors import ConfigError, PostroomError
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -92,6 +95,7 @@ class _State:
         self.config_path = config_path
         self._config: config_mod.Config | None = None
         self._store: AccountStore | None = None
+        self._server_key: ServerKey | None = None
 
     def config(self) -> config_mod.Config:
         if self._config is None:
@@ -103,6 +107,13 @@ class _State:
             self._store = AccountStore.for_config(self.config())
             click.get_current_context().find_root().call_on_close(self._store.close)
         return self._store
+
+    def server_key(self) -> ServerKey:
+        """``data_dir/keys/server.key``, made on first use (only CRAM-MD5 needs it here)."""
+        if self._server_key is None:
+            cfg = self.config()
+            self._server_key = ServerKey.load_or_create(cfg.data_dir, owner=data_owner(cfg))
+        return self._server_key
 
 
 pass_state = click.make_pass_decorator(_State)
@@ -245,17 +256,42 @@ def user() -> None:
     "--quota", callback=_size_option, help="Mailbox quota, e.g. 500M or 2G; 0 = unlimited."
 )
 @click.option("--password-stdin", is_flag=True, help="Read the password from one line of stdin.")
+@click.option(
+    "--allow-cram-md5",
+    is_flag=True,
+    help="Also keep a CRAM-MD5 secret (equivalent to the password; sealed with the server key).",
+)
 @pass_state
-def user_add(state: _State, address: str, quota: int | None, password_stdin: bool) -> None:
+def user_add(
+    state: _State, address: str, quota: int | None, password_stdin: bool, allow_cram_md5: bool
+) -> None:
     """Add the account ADDRESS and make its Maildir."""
     cfg = state.config()
     store = state.store()
-    store.check_new_user(address)  # refuse before asking for a password
-    password_hash = hash_password(_read_password(password_stdin), cfg.passwords)
+    canonical = store.check_new_user(address)  # refuse before asking for a password
+    credentials = _derive(state, _read_password(password_stdin), canonical, cram_md5=allow_cram_md5)
     if quota is None:
         quota = cfg.delivery.default_quota
-    added = store.add_user(address, password_hash, quota)
+    added = store.add_user(
+        address,
+        credentials.password_hash,
+        quota,
+        scram_sha256=credentials.scram_sha256,
+        cram_md5=credentials.cram_md5,
+    )
     click.echo(f"added user {added.address} (maildir {added.maildir})")
+
+
+def _derive(state: _State, password: str, address: str, *, cram_md5: bool) -> PasswordCredentials:
+    """Every credential of *password* (argon2id, SCRAM-SHA-256, CRAM-MD5 when *cram_md5*)."""
+    cfg = state.config()
+    return derive_credentials(
+        password,
+        cfg.passwords,
+        address=address,
+        scram_iterations=cfg.auth.scram_iterations,
+        cram_box=state.server_key().cram_box() if cram_md5 else None,
+    )
 
 
 @user.command("remove")
@@ -275,13 +311,56 @@ def user_remove(state: _State, address: str) -> None:
 @click.option("--password-stdin", is_flag=True, help="Read the password from one line of stdin.")
 @pass_state
 def user_passwd(state: _State, address: str, password_stdin: bool) -> None:
-    """Set the password of ADDRESS."""
+    """Set the password of ADDRESS.
+
+    Derives every credential again: the argon2id hash, the SCRAM-SHA-256 keys (which accounts
+    made before SCRAM support lack until this is run) and, if the account uses CRAM-MD5, its
+    secret.
+    """
     store = state.store()
-    if store.get_user(address) is None:
+    found = store.get_user(address)
+    if found is None:
         raise click.ClickException(f"{address}: no such user")
-    password_hash = hash_password(_read_password(password_stdin), state.config().passwords)
-    store.set_password(address, password_hash)
+    credentials = _derive(
+        state, _read_password(password_stdin), found.address, cram_md5=found.cram_md5 is not None
+    )
+    store.set_password(
+        found.address,
+        credentials.password_hash,
+        scram_sha256=credentials.scram_sha256,
+        cram_md5=credentials.cram_md5,
+    )
     click.echo(f"password changed for {address}")
+
+
+@user.command("cram-md5")
+@click.argument("address")
+@click.argument("setting", type=click.Choice(["on", "off"]))
+@click.option("--password-stdin", is_flag=True, help="Read the password from one line of stdin.")
+@pass_state
+def user_cram_md5(state: _State, address: str, setting: str, password_stdin: bool) -> None:
+    """Let ADDRESS use CRAM-MD5 (on), or delete its CRAM-MD5 secret (off).
+
+    CRAM-MD5 needs a secret equivalent to the password, so turning it on asks for the account's
+    current password (checked against the stored hash) and keeps it sealed with the server key.
+    """
+    store = state.store()
+    found = store.get_user(address)
+    if found is None:
+        raise click.ClickException(f"{address}: no such user")
+    if setting == "off":
+        store.set_cram_md5(found.address, None)
+        click.echo(f"CRAM-MD5 off for {found.address} (secret deleted)")
+        return
+    password = _read_password(password_stdin)
+    if not verify_password(found.password_hash, password):
+        raise click.ClickException(
+            f"{found.address}: that is not the account's password (to change it, use "
+            "`postroom user passwd`)"
+        )
+    sealed = seal_cram_secret(state.server_key().cram_box(), found.address, password)
+    store.set_cram_md5(found.address, sealed)
+    click.echo(f"CRAM-MD5 on for {found.address}")
 
 
 @user.command("quota")
@@ -300,6 +379,7 @@ def _user_record(entry: User) -> dict[str, object]:
         "quota": entry.quota,
         "maildir": str(entry.maildir),
         "created": entry.created.isoformat(),
+        "mechanisms": list(entry.mechanisms),
     }
 
 
@@ -314,10 +394,63 @@ def user_list(state: _State, domain_name: str | None, as_json: bool) -> None:
         _print_json([_user_record(u) for u in users])
         return
     rows = [
-        [u.address, format_size(u.quota), str(u.maildir), u.created.strftime("%Y-%m-%d %H:%M")]
+        [
+            u.address,
+            format_size(u.quota),
+            " ".join(u.mechanisms),
+            str(u.maildir),
+            u.created.strftime("%Y-%m-%d %H:%M"),
+        ]
         for u in users
     ]
-    _print_table("Users", ["Address", "Quota", "Maildir", "Created (UTC)"], rows)
+    _print_table("Users", ["Address", "Quota", "Mechanisms", "Maildir", "Created (UTC)"], rows)
+
+
+@user.group("sender")
+def user_sender() -> None:
+    """Extra envelope senders an account may use after logging in.
+
+    An account may always send as its own address, with a +tag, and as any alias whose
+    destinations name it; grant anything else here: one address, or @domain for all of a domain.
+    """
+
+
+@user_sender.command("add")
+@click.argument("address")
+@click.argument("senders", nargs=-1, required=True)
+@pass_state
+def user_sender_add(state: _State, address: str, senders: tuple[str, ...]) -> None:
+    """Let ADDRESS also send as each SENDER (local@domain or @domain)."""
+    store = state.store()
+    for sender in senders:
+        added = store.add_sender(address, sender)
+        click.echo(f"{added.login} may send as {added.sender}")
+
+
+@user_sender.command("remove")
+@click.argument("address")
+@click.argument("sender")
+@pass_state
+def user_sender_remove(state: _State, address: str, sender: str) -> None:
+    """Withdraw SENDER from ADDRESS."""
+    state.store().remove_sender(address, sender)
+    click.echo(f"{address} may no longer send as {sender}")
+
+
+@user_sender.command("list")
+@click.argument("address", required=False)
+@_json_option
+@pass_state
+def user_sender_list(state: _State, address: str | None, as_json: bool) -> None:
+    """List the sender grants, of one ADDRESS or all."""
+    store = state.store()
+    if address is not None and store.get_user(address) is None:
+        raise click.ClickException(f"{address}: no such user")
+    grants = store.list_senders(address)
+    if as_json:
+        _print_json([{"login": g.login, "sender": g.sender} for g in grants])
+        return
+    _print_table("Senders", ["Login", "May send as"], [[g.login, g.sender] for g in grants])
 
 
 # --- aliases -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from postroom.errors import ConfigError
 
@@ -23,9 +23,12 @@ from postroom.errors import ConfigError
 DEFAULT_DATA_DIR_ROOT = Path("/var/lib/postroom")
 DEFAULT_DATA_DIR_USER = Path("postroom-data")
 
-#: The port an ``mx`` listener takes when none is configured: 25 when we may bind it, else 2525.
-DEFAULT_MX_PORT_ROOT = 25
-DEFAULT_MX_PORT_USER = 2525
+Role = Literal["mx", "submission", "submissions"]
+
+#: The listeners made when none is configured: the standard ports when we may bind them, else
+#: the same numbers above 2000 (RFC 5321 25, RFC 6409 587, RFC 8314 465).
+DEFAULT_PORTS_ROOT: dict[Role, int] = {"mx": 25, "submission": 587, "submissions": 465}
+DEFAULT_PORTS_USER: dict[Role, int] = {"mx": 2525, "submission": 2587, "submissions": 2465}
 
 
 def running_as_root() -> bool:
@@ -66,10 +69,31 @@ class ServerSection(_Section):
 
 
 class ListenerSection(_Section):
-    #: ``mx`` (port 25). ``submission`` and ``submissions`` arrive with SMTP AUTH.
-    role: Literal["mx"] = "mx"
+    """One SMTP port. The role sets what a mail administrator expects of that port:
+
+    - ``mx`` (25): mail from other servers; STARTTLS offered; AUTH off unless ``auth = true``.
+    - ``submission`` (587, RFC 6409): mail clients; STARTTLS, then AUTH; MAIL needs AUTH.
+    - ``submissions`` (465, RFC 8314): the same, in TLS from the first byte.
+    """
+
+    role: Role = "mx"
     #: "host:port"; an IPv6 host goes in brackets: "[::1]:25".
     address: str
+    #: Offer SMTP AUTH here. Default: off on mx, on for the submission roles.
+    auth: bool | None = None
+
+    @property
+    def implicit_tls(self) -> bool:
+        return self.role == "submissions"
+
+    @property
+    def offers_auth(self) -> bool:
+        return self.auth if self.auth is not None else self.role != "mx"
+
+    @property
+    def requires_auth(self) -> bool:
+        """RFC 6409 4.1: a submission server authenticates its clients before MAIL."""
+        return self.role != "mx"
 
     @field_validator("address")
     @classmethod
@@ -166,6 +190,54 @@ class TlsSection(_Section):
     starttls: bool = True
 
 
+Mechanism = Literal["SCRAM-SHA-256", "PLAIN", "LOGIN", "CRAM-MD5"]
+
+
+def _default_mechanisms() -> list[Mechanism]:
+    return ["SCRAM-SHA-256", "PLAIN", "LOGIN"]
+
+
+class AuthSection(_Section):
+    """SMTP AUTH (and later POP3/IMAP logins): mechanisms and brute-force protection."""
+
+    #: SASL mechanisms offered, in this order. CRAM-MD5 works only for accounts that opted in
+    #: (it needs a plaintext-equivalent secret); add it here to offer it.
+    mechanisms: list[Mechanism] = Field(default_factory=_default_mechanisms, min_length=1)
+    #: Allow AUTH without TLS from loopback clients (a local webmail, say). Never elsewhere.
+    allow_plaintext_on_loopback: bool = False
+    #: PBKDF2 iterations for SCRAM keys made when a password is set (RFC 7677: at least 4096).
+    scram_iterations: Annotated[int, Field(ge=4096, le=10_000_000)] = 4096
+    #: Password checks (argon2, 64 MiB each at the default cost) running at once, per process.
+    max_parallel_checks: Annotated[int, Field(ge=1, le=64)] = 4
+    #: Brute-force protection (``postroom.policy.authlimit`` explains the numbers). Failures
+    #: from one client address answered without delay; later ones wait 1, 2, 4 ... seconds.
+    ip_free_failures: Annotated[int, Field(ge=0)] = 3
+    #: Failures from one address (decaying, see ``ip_half_life``) at which it is refused
+    #: (421 4.7.0) for ``block_seconds``.
+    ip_max_failures: Annotated[int, Field(ge=1)] = 10
+    #: Seconds in which an address's failure count halves.
+    ip_half_life: Annotated[float, Field(gt=0)] = 600.0
+    block_seconds: Annotated[float, Field(gt=0)] = 600.0
+    #: Failures for one account (from any address) answered without delay. An account is
+    #: never locked: its failures only delay further failure replies; the right password
+    #: works at once.
+    account_free_failures: Annotated[int, Field(ge=0)] = 5
+    account_half_life: Annotated[float, Field(gt=0)] = 1800.0
+    #: The longest wait before a failure reply, in seconds.
+    max_delay: Annotated[float, Field(ge=0, le=300)] = 15.0
+    @model_validator(mode="after")
+    def _check_limits(self) -> AuthSection:
+        if self.ip_max_failures <= self.ip_free_failures:
+            raise ValueError("ip_max_failures must be greater than ip_free_failures")
+        return self
+
+    #: Record the authenticated user in the Received header (off: RFC 6409 leaves it to us,
+    #: and it tells every recipient a login name).
+    received_header_user: bool = False
+    #: An authenticated user may only use sender addresses that are theirs (553 5.7.1).
+    enforce_sender: bool = True
+
+
 class PasswordSection(_Section):
     """argon2id cost. The defaults are RFC 9106's second recommended option."""
 
@@ -182,6 +254,7 @@ class Config(_Section):
     delivery: DeliverySection = Field(default_factory=DeliverySection)
     queue: QueueSection = Field(default_factory=QueueSection)
     tls: TlsSection = Field(default_factory=TlsSection)
+    auth: AuthSection = Field(default_factory=AuthSection)
     passwords: PasswordSection = Field(default_factory=PasswordSection)
     #: The file this came from, for messages; None for embedded defaults.
     source: Path | None = None
@@ -189,8 +262,9 @@ class Config(_Section):
     def listeners(self) -> list[ListenerSection]:
         if self.listener:
             return list(self.listener)
-        port = DEFAULT_MX_PORT_ROOT if running_as_root() else DEFAULT_MX_PORT_USER
-        return [ListenerSection(role="mx", address=f"0.0.0.0:{port}")]
+        ports = DEFAULT_PORTS_ROOT if running_as_root() else DEFAULT_PORTS_USER
+        return [ListenerSection(role=role, address=f"0.0.0.0:{port}")
+                for role, port in ports.items()]
 
     @property
     def data_dir(self) -> Path:

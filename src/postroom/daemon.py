@@ -22,18 +22,23 @@ import ssl
 import subprocess
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from postroom import config as config_mod
 from postroom import log
+from postroom.accounts.credentials import AccountCredentials, decoy_password_hash
+from postroom.accounts.secrets import ServerKey
 from postroom.accounts.store import AccountStore
-from postroom.config import Config
+from postroom.config import Config, ListenerSection
 from postroom.delivery.maildir import MaildirUsage
 from postroom.errors import ConfigError
+from postroom.net.auth import AuthService, throttle_settings
 from postroom.net.limits import ConnectionCounts, SharedCounts
 from postroom.net.server import SmtpServer, bind_listener
 from postroom.net.tls import server_context
+from postroom.policy.authlimit import AuthThrottle, LocalThrottle, SharedThrottle
 from postroom.policy.router import Router
 from postroom.queue.committer import Committer
 from postroom.queue.runner import QueueRunner
@@ -49,6 +54,44 @@ def receive_settings(config: Config) -> ReceiveSettings:
         max_message_size=config.smtp.max_message_size,
         max_received_headers=config.smtp.max_received_headers,
         vrfy=config.smtp.vrfy,
+        enforce_sender=config.auth.enforce_sender,
+        received_auth_user=config.auth.received_header_user,
+    )
+
+
+@dataclass(frozen=True)
+class LoginParts:
+    """What every worker's logins share, made once before the workers fork: the server key
+    (the decoy secret and the CRAM-MD5 box come from it), the decoy argon2 hash (slow to make)
+    and the brute-force counters (shared memory when there are several workers)."""
+
+    key: ServerKey
+    decoy_hash: str
+    throttle: AuthThrottle
+
+    @classmethod
+    def make(cls, config: Config) -> LoginParts | None:
+        if not any(listener.offers_auth for listener in config.listeners()):
+            return None
+        settings = throttle_settings(config.auth)
+        throttle: AuthThrottle = (SharedThrottle(settings) if config.server.workers > 1
+                                  else LocalThrottle(settings))
+        return cls(ServerKey.load_or_create(config.data_dir), decoy_password_hash(config.passwords),
+                   throttle)
+
+
+def auth_service(config: Config, accounts: AccountStore, parts: LoginParts) -> AuthService:
+    auth = config.auth
+    return AuthService(
+        credentials=AccountCredentials(accounts, parts.key.cram_box()),
+        throttle=parts.throttle,
+        hostname=config.hostname,
+        decoy_secret=parts.key.decoy_secret(),
+        mechanisms=auth.mechanisms,
+        scram_iterations=auth.scram_iterations,
+        max_parallel_checks=auth.max_parallel_checks,
+        allow_plaintext_on_loopback=auth.allow_plaintext_on_loopback,
+        decoy_hash=parts.decoy_hash,
     )
 
 
@@ -103,6 +146,9 @@ def drop_privileges(config: Config) -> None:
 
 
 # -- running ----------------------------------------------------------------------------------
+#: A listening socket and the listener section it was bound for.
+Bound = tuple[socket.socket, ListenerSection]
+
 class Daemon:
     """One worker: an event loop with the SMTP listeners, the committer and (in worker 0 only)
     the queue runner."""
@@ -110,17 +156,19 @@ class Daemon:
     def __init__(
         self,
         config: Config,
-        sockets: list[socket.socket],
+        sockets: list[Bound],
         *,
         worker: int = 0,
         counts: ConnectionCounts | None = None,
         tls_context: ssl.SSLContext | None = None,
+        logins: LoginParts | None = None,
     ) -> None:
         self.config = config
         self.sockets = sockets
         self.worker = worker
         self.counts = counts
         self.tls_context = tls_context
+        self.logins = logins
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -136,7 +184,8 @@ class Daemon:
                       first_retry=config.queue.min_backoff)
         runner = QueueRunner(spool, committer, config)
         receiver = Receiver(receive_settings(config), router, spool)
-        server = SmtpServer(config, receiver, self.counts, self.tls_context)
+        auth = None if self.logins is None else auth_service(config, accounts, self.logins)
+        server = SmtpServer(config, receiver, self.counts, self.tls_context, auth)
         self._reload_targets = (server, receiver, router, runner)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
@@ -174,6 +223,8 @@ class Daemon:
         except ConfigError as exc:
             log.logger.error("reload: keeping the TLS certificate in use: %s", exc)
         server.reconfigure(new)
+        if server.auth is not None:
+            server.auth.reconfigure(new.auth)
         receiver.settings = receive_settings(new)
         router.delivery = new.delivery
         runner.config = new
@@ -193,8 +244,9 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
-    """The STARTTLS context, or None when STARTTLS is turned off."""
-    if not config.tls.starttls:
+    """The TLS context, or None when no listener uses TLS (STARTTLS turned off on mx, no
+    submission ports)."""
+    if not config.tls.starttls and all(lst.role == "mx" for lst in config.listeners()):
         return None
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return server_context(config)
@@ -214,14 +266,15 @@ def serve(config: Config) -> None:
     # is ignored: the configuration was only just read.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _setup_logging(config)
-    sockets = [bind_listener(listener) for listener in config.listeners()]
+    sockets = [(bind_listener(listener), listener) for listener in config.listeners()]
     context = tls_context(config)  # the key may be readable by root only: load it first
     drop_privileges(config)
+    logins = LoginParts.make(config)  # as the mail user: a new key file is theirs
     try:
         if config.server.workers == 1:
-            _run(Daemon(config, sockets, tls_context=context).run())
+            _run(Daemon(config, sockets, tls_context=context, logins=logins).run())
         else:
-            if Supervisor(config, sockets, context).run():
+            if Supervisor(config, sockets, context, logins).run():
                 raise SystemExit(1)
     finally:
         log.flush()
@@ -242,11 +295,13 @@ class Supervisor:
     delay; a worker that keeps failing at start stops the server."""
 
     def __init__(
-        self, config: Config, sockets: list[socket.socket], context: ssl.SSLContext | None
+        self, config: Config, sockets: list[Bound], context: ssl.SSLContext | None,
+        logins: LoginParts | None = None,
     ) -> None:
         self.config = config
         self.sockets = sockets
         self.context = context
+        self.logins = logins
         self.counts = SharedCounts(config.server.workers)
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started)
         self.respawn: dict[int, float] = {}  # worker index -> when to start it again
@@ -266,7 +321,7 @@ class Supervisor:
                 self.counts.worker = worker
                 log.after_fork()  # the log files stay open: they were opened as root
                 daemon = Daemon(self.config, self.sockets, worker=worker, counts=self.counts,
-                                tls_context=self.context)
+                                tls_context=self.context, logins=self.logins)
                 _run(daemon.run())
             except BaseException:
                 log.logger.exception("worker %d failed", worker)

@@ -24,9 +24,11 @@ from postroom.message.address import Address, parse_path
 from postroom.message.headers import (
     TraceInfo,
     count_received,
+    from_addresses,
     message_id,
     protocol_name,
     received_header,
+    submission_fixes,
 )
 from postroom.policy.router import Router
 from postroom.policy.routes import Destination, LocalDelivery, Rejected
@@ -49,7 +51,8 @@ class Client:
     esmtp: bool = False
     may_relay: bool = False
     tls: str | None = None
-    auth_user: str | None = None
+    auth_user: str | None = None  # the SASL authentication identity after AUTH
+    auth_method: str | None = None  # its mechanism
 
     def describe(self) -> str:
         return f"{self.name}[{self.address}]"
@@ -76,6 +79,10 @@ class ReceiveSettings:
     max_message_size: int
     max_received_headers: int
     vrfy: bool
+    #: An authenticated user may only use sender addresses that are theirs (553 5.7.1).
+    enforce_sender: bool = True
+    #: Name the authenticated user in the Received header.
+    received_auth_user: bool = False
 
 
 def _reply(rejected: Rejected) -> Reply:
@@ -92,6 +99,10 @@ class Receiver:
 
     # -- MAIL ---------------------------------------------------------------------------------
     def mail(self, client: Client, event: MailFrom) -> tuple[Reply, Transaction | None]:
+        if client.auth_user is not None and self.settings.enforce_sender:
+            refused = self._check_sender(client, str(event.address), "Sender address")
+            if refused is not None:
+                return refused, None
         queue_id = new_queue_id()
         envelope = Envelope(
             queue_id=queue_id,
@@ -105,8 +116,30 @@ class Receiver:
             ret=event.ret,
             envid=event.envid,
         )
-        log.event(queue_id, client=f"{client.describe()}:{client.port}")
+        log.event(queue_id, client=f"{client.describe()}:{client.port}",
+                  sasl_method=client.auth_method, sasl_username=client.auth_user)
         return codes.OK_MAIL, Transaction(envelope=envelope, mail=event)
+
+    def _check_sender(self, client: Client, sender: str, what: str) -> Reply | None:
+        """Sender authorisation (like Postfix's reject_sender_login_mismatch): None when the
+        authenticated user owns *sender*, else the 553 (or 451 when the store failed)."""
+        login = client.auth_user
+        assert login is not None
+        header = what != "Sender address"
+        try:
+            # An empty envelope sender is the null reverse-path, which the store allows; an
+            # empty header address is a From: that would not parse: refused.
+            owned = bool(sender or not header) and self.router.may_send_as(login, sender)
+        except StorageError as exc:
+            log.logger.error("accounts lookup failed for sender <%s>: %s", sender, exc)
+            return Reply(451, "4.3.0", f"<{sender}>: Temporary lookup failure")
+        if owned:
+            return None
+        reply = Reply(553, "5.7.1", f"<{sender}>: {what} rejected: not owned by user {login}")
+        log.logger.info("NOQUEUE: reject: %s from %s: %d %s %s; sasl_username=%s",
+                        "END-OF-MESSAGE" if header else "MAIL",
+                        client.describe(), reply.code, reply.enhanced, reply.text, login)
+        return reply
 
     # -- RCPT ---------------------------------------------------------------------------------
     def rcpt(self, client: Client, txn: Transaction, event: RcptTo) -> Reply:
@@ -180,6 +213,12 @@ class Receiver:
             loop = Rejected(554, "5.4.6", f"Too many hops ({hops} Received headers): mail loop?")
             self._log_reject(client, txn, "END-OF-MESSAGE", loop, "")
             return _reply(loop)
+        if client.auth_user is not None and self.settings.enforce_sender:
+            for author in from_addresses(headers):
+                refused = self._check_sender(client, author, "From: header address")
+                if refused is not None:
+                    txn.discard()
+                    return refused
         envelope.size = event.size
         recipients = envelope.recipients
         trace = TraceInfo(
@@ -194,8 +233,14 @@ class Receiver:
             else None,
             timestamp=time.time(),
             tls=client.tls,
+            auth_user=client.auth_user if self.settings.received_auth_user else None,
         )
         received = received_header(trace)
+        if client.auth_user is not None:  # a submission (RFC 6409 8): complete what is missing
+            fixes = submission_fixes(headers, hostname=self.settings.hostname,
+                                     queue_id=envelope.queue_id, timestamp=trace.timestamp)
+            received += fixes
+            headers = fixes + headers
         refused = await self._check_quota_at_end(envelope, event.size + len(received))
         if refused is not None:
             txn.discard()

@@ -1,9 +1,23 @@
 """Domains, users and aliases in one SQLite database (WAL), shared by every postroom process.
 
-Tables: ``domains``, ``users`` (address, argon2 hash, quota, Maildir path relative to the mail root)
-and ``aliases`` (source -> destination rows; the source ``@domain`` is the domain's catch-all), plus
-``schema_version``. The database file is created with mode 0600, runs with ``synchronous=FULL`` and
-foreign keys on, and waits (busy timeout) rather than fails when another process holds the lock.
+Tables: ``domains``, ``users`` (address, credentials, quota, Maildir path relative to the mail root),
+``aliases`` (source -> destination rows; the source ``@domain`` is the domain's catch-all),
+``senders`` (which extra envelope senders a login may use) and ``schema_version``. The database file
+is created with mode 0600, runs with ``synchronous=FULL`` and foreign keys on, and waits (busy
+timeout) rather than fails when another process holds the lock.
+
+A user's credentials, all derived from one password when it is set (see
+:mod:`postroom.accounts.credentials`): the argon2id hash (PLAIN, LOGIN), the SCRAM-SHA-256 keys in
+RFC 5803 text, and, only for accounts that opted in, the CRAM-MD5 secret sealed with a key derived
+from the server key (:mod:`postroom.accounts.secrets`). Setting a password replaces all three.
+
+Schema versions, upgraded in place when the database is opened, in the same transaction that
+reads the version (so a failed upgrade leaves the file as it was):
+
+1. domains, users (argon2 hash only), aliases.
+2. ``users.scram_sha256`` (RFC 5803 text) and ``users.cram_md5`` (sealed secret, NULL = not opted
+   in), and the ``senders`` table. Users carried over from version 1 have no SCRAM keys: SCRAM-SHA-256
+   fails for them as for a wrong password until ``postroom user passwd`` sets the password again.
 
 Addresses follow Postfix's virtual maps: the domain is compared in one canonical form (lowercase,
 Unicode NFC, U-labels: ``xn--bcher-kva.example`` and ``bücher.example`` are one domain, RFC 5890),
@@ -36,11 +50,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from postroom.errors import AccountError, StorageError
+from postroom.sasl.credentials import SCRAM_SHA_256, scram_keys_from_text
 
 if TYPE_CHECKING:
     from postroom.config import Config
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: How long a write waits for another process's transaction before failing (milliseconds).
 BUSY_TIMEOUT_MS = 10_000
@@ -62,7 +77,9 @@ CREATE TABLE users (
     password_hash  TEXT NOT NULL,
     quota          INTEGER NOT NULL DEFAULT 0 CHECK (quota >= 0),
     maildir        TEXT NOT NULL,
-    created        INTEGER NOT NULL
+    created        INTEGER NOT NULL,
+    scram_sha256   TEXT,
+    cram_md5       BLOB
 );
 CREATE INDEX users_domain ON users(domain);
 CREATE TABLE aliases (
@@ -76,9 +93,37 @@ CREATE TABLE aliases (
 CREATE INDEX aliases_domain ON aliases(domain);
 """
 
+#: The ``senders`` table, as made for a new database and by the upgrade from version 1.
+#: ``login`` is the user's lookup key; ``lookup`` the sender's (``local@domain`` folded as
+#: :func:`address_key` folds it, or ``@domain``); ``sender`` the spelling shown.
+_SENDERS = """
+CREATE TABLE senders (
+    login    TEXT NOT NULL REFERENCES users(lookup) ON DELETE CASCADE,
+    sender   TEXT NOT NULL,
+    lookup   TEXT NOT NULL,
+    created  INTEGER NOT NULL,
+    PRIMARY KEY (login, lookup)
+);
+CREATE INDEX senders_lookup ON senders(lookup);
+"""
+
+#: What takes a database from version N to N + 1, run in the transaction that opens it.
+_UPGRADES: dict[int, str] = {
+    1: """
+ALTER TABLE users ADD COLUMN scram_sha256 TEXT;
+ALTER TABLE users ADD COLUMN cram_md5 BLOB;
+"""
+    + _SENDERS,
+}
+
 # RFC 5322 3.2.3 atext, without "!" "%" "/" (see the module docstring).
 _LOCAL_ASCII = frozenset(string.ascii_letters + string.digits + "#$&'*+-=?^_`{|}~")
 _LDH = frozenset(string.ascii_lowercase + string.digits + "-")
+
+
+#: SASL mechanisms every account can use: they check the argon2 hash.
+PASSWORD_MECHANISMS = ("PLAIN", "LOGIN")
+CRAM_MD5 = "CRAM-MD5"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +135,10 @@ class User:
     quota: int  # octets; 0 is unlimited
     maildir: Path  # absolute: mail_root/<domain>/<local>
     created: datetime
+    #: RFC 5803 text of the SCRAM-SHA-256 keys; None for a password set before schema 2.
+    scram_sha256: str | None = field(default=None, repr=False)
+    #: The sealed CRAM-MD5 secret (:mod:`postroom.accounts.secrets`); None: not opted in.
+    cram_md5: bytes | None = field(default=None, repr=False)
 
     @property
     def local(self) -> str:
@@ -99,6 +148,17 @@ class User:
     def domain(self) -> str:
         return self.address.rpartition("@")[2]
 
+    @property
+    def mechanisms(self) -> tuple[str, ...]:
+        """The SASL mechanisms the stored credentials can answer (whether a listener offers
+        them is the server's configuration)."""
+        names = list(PASSWORD_MECHANISMS)
+        if self.scram_sha256 is not None:
+            names.append(SCRAM_SHA_256)
+        if self.cram_md5 is not None:
+            names.append(CRAM_MD5)
+        return tuple(names)
+
 
 @dataclass(frozen=True, slots=True)
 class Alias:
@@ -106,6 +166,15 @@ class Alias:
 
     source: str
     destination: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """One ``senders`` row: *login* may also use *sender* (``local@domain`` or ``@domain``) as its
+    envelope sender."""
+
+    login: str  # the user's address as stored
+    sender: str
 
 
 # --- names -----------------------------------------------------------------------------------
@@ -238,6 +307,36 @@ def _stamp(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
+def base_local(local: str, delimiter: str) -> str | None:
+    """``user`` for ``user+tag``: cut at the first character of *delimiter* found, unless it is
+    the first character (as the router cuts subaddresses); None when nothing is cut."""
+    cut = min((i for i, ch in enumerate(local) if ch in delimiter), default=-1)
+    return local[:cut] if cut > 0 else None
+
+
+def _check_scram_text(text: str | None) -> None:
+    if text is not None:
+        try:
+            scram_keys_from_text(text)
+        except ValueError:
+            raise AccountError("the SCRAM-SHA-256 keys are not in RFC 5803 form") from None
+
+
+def data_owner(config: Config) -> tuple[int, int] | None:
+    """The ``(uid, gid)`` that files made under the data directory should get: ``server.run_as``
+    when running as root for a server that drops to that (existing) user, else None."""
+    run_as = config.server.run_as
+    if os.geteuid() != 0 or not run_as or run_as == "root":
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(run_as)
+    except KeyError:
+        return None  # not made yet: ``serve`` creates it and hands it the data directory
+    return (entry.pw_uid, entry.pw_gid)
+
+
 # --- the store --------------------------------------------------------------------------------
 
 
@@ -288,19 +387,8 @@ class AccountStore:
         Run as root for a server that drops to ``server.run_as`` (an existing user), what is
         created here belongs to that user, so the server can still write to it.
         """
-        owner: tuple[int, int] | None = None
-        run_as = config.server.run_as
-        if os.geteuid() == 0 and run_as and run_as != "root":
-            import pwd
-
-            try:
-                entry = pwd.getpwnam(run_as)
-            except KeyError:
-                pass  # not made yet: ``serve`` creates it and hands it the data directory
-            else:
-                owner = (entry.pw_uid, entry.pw_gid)
         data_dir = config.data_dir
-        return cls(data_dir / "accounts.db", data_dir / "mail", owner=owner)
+        return cls(data_dir / "accounts.db", data_dir / "mail", owner=data_owner(config))
 
     def close(self) -> None:
         with self._lock:
@@ -351,15 +439,27 @@ class AccountStore:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = db.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                self._run_script(db, _SCHEMA + _SENDERS)
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
+                return
+            version = row[0]
+            if version > SCHEMA_VERSION:
                 raise AccountError(
-                    f"{self.db_path}: schema version {row[0]} is newer than this postroom "
+                    f"{self.db_path}: schema version {version} is newer than this postroom "
                     f"understands ({SCHEMA_VERSION})"
                 )
+            # Upgrades run in this one transaction: a failure rolls every step back.
+            while version < SCHEMA_VERSION:
+                self._run_script(db, _UPGRADES[version])
+                version += 1
+                db.execute("UPDATE schema_version SET version = ?", (version,))
+
+    @staticmethod
+    def _run_script(db: sqlite3.Connection, script: str) -> None:
+        # Not executescript(): it would COMMIT the open transaction first.
+        for statement in script.split(";"):
+            if statement.strip():
+                db.execute(statement)
 
     def _chown(self, path: Path) -> None:
         if self._owner is not None:
@@ -381,9 +481,13 @@ class AccountStore:
                 continue
             self._chown(directory)
 
-    def _user(self, row: tuple[str, str, int, str, int]) -> User:
-        address, password_hash, quota, maildir, created = row
-        return User(address, password_hash, quota, self.mail_root / maildir, _stamp(created))
+    _USER_COLUMNS = "address, password_hash, quota, maildir, created, scram_sha256, cram_md5"
+
+    def _user(self, row: tuple[str, str, int, str, int, str | None, bytes | None]) -> User:
+        address, password_hash, quota, maildir, created, scram, cram = row
+        return User(
+            address, password_hash, quota, self.mail_root / maildir, _stamp(created), scram, cram
+        )
 
     # --- domains ---
 
@@ -455,12 +559,23 @@ class AccountStore:
                 raise AccountError(f"{canonical}: an alias with this address exists")
         return canonical
 
-    def add_user(self, address: str, password_hash: str, quota: int = 0) -> User:
-        """Add a mailbox and make its Maildir. *password_hash* must be an argon2 hash."""
+    def add_user(
+        self,
+        address: str,
+        password_hash: str,
+        quota: int = 0,
+        *,
+        scram_sha256: str | None = None,
+        cram_md5: bytes | None = None,
+    ) -> User:
+        """Add a mailbox and make its Maildir. *password_hash* must be an argon2 hash;
+        *scram_sha256* (RFC 5803 text) and *cram_md5* (sealed) come with it from
+        :func:`postroom.accounts.credentials.derive_credentials`."""
         if not password_hash.startswith("$argon2"):
             raise AccountError("the password hash is not an argon2 hash")
         if quota < 0:
             raise AccountError(f"quota must be 0 (unlimited) or more, not {quota}")
+        _check_scram_text(scram_sha256)
         with self._write() as db:
             canonical = self.check_new_user(address)
             local, _, domain = canonical.rpartition("@")
@@ -468,7 +583,7 @@ class AccountStore:
             now = int(time.time())
             db.execute(
                 "INSERT INTO users (address, lookup, domain, password_hash, quota, maildir,"
-                " created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " created, scram_sha256, cram_md5) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     canonical,
                     address_key(local, domain),
@@ -477,26 +592,29 @@ class AccountStore:
                     quota,
                     relative,
                     now,
+                    scram_sha256,
+                    cram_md5,
                 ),
             )
             maildir = self.mail_root / relative
             for sub in ("cur", "new", "tmp"):
                 self._mkdirs(maildir / sub)
-        return User(canonical, password_hash, quota, maildir, _stamp(now))
+        return User(
+            canonical, password_hash, quota, maildir, _stamp(now), scram_sha256, cram_md5
+        )
 
     def get_user(self, address: str) -> User | None:
         """The account *address* names (local part matched case-insensitively), or None."""
         local, _, domain = address.rpartition("@")
         with self._read() as db:
             row = db.execute(
-                "SELECT address, password_hash, quota, maildir, created FROM users"
-                " WHERE lookup = ?",
+                f"SELECT {self._USER_COLUMNS} FROM users WHERE lookup = ?",
                 (address_key(local, domain),),
             ).fetchone()
         return None if row is None else self._user(row)
 
     def list_users(self, domain: str | None = None) -> list[User]:
-        query = "SELECT address, password_hash, quota, maildir, created FROM users"
+        query = f"SELECT {self._USER_COLUMNS} FROM users"
         args: tuple[str, ...] = ()
         if domain is not None:
             query += " WHERE domain = ?"
@@ -505,12 +623,13 @@ class AccountStore:
             rows = db.execute(query + " ORDER BY domain, lookup", args).fetchall()
         return [self._user(row) for row in rows]
 
-    def _update_user(self, address: str, column: str, value: str | int) -> None:
+    def _update_user(self, address: str, values: dict[str, str | int | bytes | None]) -> None:
         local, _, domain = address.rpartition("@")
+        assignments = ", ".join(f"{column} = ?" for column in values)  # our own column names
         with self._write() as db:
             cursor = db.execute(
-                f"UPDATE users SET {column} = ? WHERE lookup = ?",
-                (value, address_key(local, domain)),
+                f"UPDATE users SET {assignments} WHERE lookup = ?",
+                (*values.values(), address_key(local, domain)),
             )
             if cursor.rowcount == 0:
                 raise AccountError(f"{address}: no such user")
@@ -523,15 +642,32 @@ class AccountStore:
             if cursor.rowcount == 0:
                 raise AccountError(f"{address}: no such user")
 
-    def set_password(self, address: str, password_hash: str) -> None:
+    def set_password(
+        self,
+        address: str,
+        password_hash: str,
+        *,
+        scram_sha256: str | None = None,
+        cram_md5: bytes | None = None,
+    ) -> None:
+        """Replace every credential of *address* at once, in one statement. What is not given is
+        cleared: a SCRAM key or CRAM-MD5 secret of the old password must not outlive it."""
         if not password_hash.startswith("$argon2"):
             raise AccountError("the password hash is not an argon2 hash")
-        self._update_user(address, "password_hash", password_hash)
+        _check_scram_text(scram_sha256)
+        self._update_user(
+            address,
+            {"password_hash": password_hash, "scram_sha256": scram_sha256, "cram_md5": cram_md5},
+        )
+
+    def set_cram_md5(self, address: str, sealed: bytes | None) -> None:
+        """Store the sealed CRAM-MD5 secret of *address* (opt in), or delete it (None: opt out)."""
+        self._update_user(address, {"cram_md5": sealed})
 
     def set_quota(self, address: str, quota: int) -> None:
         if quota < 0:
             raise AccountError(f"quota must be 0 (unlimited) or more, not {quota}")
-        self._update_user(address, "quota", quota)
+        self._update_user(address, {"quota": quota})
 
     # --- aliases ---
 
@@ -605,3 +741,138 @@ class AccountStore:
                 (address_key(local, domain),),
             ).fetchall()
         return [destination for (destination,) in rows]
+
+    # --- senders ---
+
+    def _login(self, db: sqlite3.Connection, login: str) -> tuple[str, str] | None:
+        """``(address, lookup)`` of the user *login* names, or None."""
+        local, _, domain = login.strip().rpartition("@")
+        row = db.execute(
+            "SELECT address, lookup FROM users WHERE lookup = ?", (address_key(local, domain),)
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    @staticmethod
+    def _sender_key(sender: str, *, strict: bool) -> tuple[str, str]:
+        """``(spelling, lookup)`` of a sender grant: ``local@domain`` or ``@domain``. *strict*
+        checks the syntax (adding); otherwise only folds (removing what may predate a rule)."""
+        local, domain = _split(sender)
+        if not local:
+            name = check_domain(domain) if strict else normalize_domain(domain)
+            return f"@{name}", f"@{name}"
+        canonical = _check_destination(sender) if strict else f"{local}@{normalize_domain(domain)}"
+        c_local, _, c_domain = canonical.rpartition("@")
+        return canonical, address_key(c_local, c_domain)
+
+    def add_sender(self, login: str, sender: str) -> Sender:
+        """Let the user *login* also send as *sender*: one address (in any domain), or
+        ``@domain`` for every address in a domain."""
+        spelling, key = self._sender_key(sender, strict=True)
+        with self._write() as db:
+            found = self._login(db, login)
+            if found is None:
+                raise AccountError(f"{login}: no such user")
+            address, login_key = found
+            if db.execute(
+                "SELECT 1 FROM senders WHERE login = ? AND lookup = ?", (login_key, key)
+            ).fetchone():
+                raise AccountError(f"{address} may already send as {spelling}")
+            db.execute(
+                "INSERT INTO senders (login, sender, lookup, created) VALUES (?, ?, ?, ?)",
+                (login_key, spelling, key, int(time.time())),
+            )
+        return Sender(address, spelling)
+
+    def remove_sender(self, login: str, sender: str) -> None:
+        """Withdraw what :meth:`add_sender` granted."""
+        _, key = self._sender_key(sender, strict=False)
+        with self._write() as db:
+            found = self._login(db, login)
+            if found is None:
+                raise AccountError(f"{login}: no such user")
+            cursor = db.execute(
+                "DELETE FROM senders WHERE login = ? AND lookup = ?", (found[1], key)
+            )
+            if cursor.rowcount == 0:
+                raise AccountError(f"{found[0]} -> {sender}: no such sender")
+
+    def list_senders(self, login: str | None = None) -> list[Sender]:
+        """The sender grants, of one user or all, oldest first within a user."""
+        query = (
+            "SELECT users.address, senders.sender FROM senders"
+            " JOIN users ON users.lookup = senders.login"
+        )
+        args: tuple[str, ...] = ()
+        if login is not None:
+            local, _, domain = login.strip().rpartition("@")
+            query += " WHERE senders.login = ?"
+            args = (address_key(local, domain),)
+        with self._read() as db:
+            rows = db.execute(
+                query + " ORDER BY users.domain, users.lookup, senders.rowid", args
+            ).fetchall()
+        return [Sender(address, sender) for address, sender in rows]
+
+    def may_send_as(self, login: str, sender: str, delimiter: str = "+") -> bool:
+        """May the authenticated user *login* use *sender* as the envelope sender (MAIL FROM)?
+
+        Yes when *sender* is the login's own address (local part compared case-insensitively,
+        domain in canonical form), or that address with a subaddress tag (``user+tag``, cut at
+        the first character of *delimiter* as the router cuts it; "" turns this off); or an
+        alias whose destinations name the login itself (not through another alias; the
+        catch-all ``@domain`` grants nothing); or a ``senders`` row of the login, for that
+        address or its whole domain. Tags are cut from *sender* for the alias and ``senders``
+        lookups too, as the router delivers ``info+x`` to the alias ``info``.
+
+        The null reverse-path (*sender* exactly "", RFC 5321 4.5.5: bounces and other
+        notifications) is allowed: it names nobody, so there is no one to impersonate, and
+        Postfix's ``reject_sender_login_mismatch`` does not check it either. A caller checking
+        a header address must therefore refuse "" itself rather than ask here. An unknown
+        *login*, or a *sender* without a local part and a domain, is refused.
+        """
+        if not _utf8(login) or not _utf8(sender):
+            return False
+        s_local, at, s_domain = sender.strip().rpartition("@")
+        with self._read() as db:
+            found = self._login(db, login)
+            if found is None:
+                return False
+            if sender == "":
+                return True
+            if not at or not s_local or not s_domain:
+                return False
+            login_key = found[1]
+            keys = [address_key(s_local, s_domain)]
+            base = base_local(s_local, delimiter) if delimiter else None
+            if base is not None:
+                keys.append(address_key(base, s_domain))
+            if login_key in keys:
+                return True
+            marks = ", ".join("?" * len(keys))
+            rows = db.execute(
+                f"SELECT destination FROM aliases WHERE lookup IN ({marks})", keys
+            ).fetchall()
+            for (destination,) in rows:
+                d_local, _, d_domain = destination.rpartition("@")
+                d_base = base_local(d_local, delimiter) if delimiter else None
+                names = {address_key(d_local, d_domain)}
+                if d_base is not None:
+                    names.add(address_key(d_base, d_domain))
+                if login_key in names:
+                    return True
+            patterns = [*keys, "@" + normalize_domain(s_domain)]
+            marks = ", ".join("?" * len(patterns))
+            row = db.execute(
+                f"SELECT 1 FROM senders WHERE login = ? AND lookup IN ({marks})",
+                (login_key, *patterns),
+            ).fetchone()
+            return row is not None
+
+
+def _utf8(text: str) -> bool:
+    """False for a string SQLite cannot take (a lone surrogate from a lenient decoder)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

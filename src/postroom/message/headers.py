@@ -1,5 +1,7 @@
-"""Headers postroom adds or reads: the trace header ``Received:`` (RFC 5321 4.4, RFC 5322 3.6.7)
-and the few looks at the header section that policy needs (loop count, Message-ID).
+"""Headers postroom adds or reads: the trace header ``Received:`` (RFC 5321 4.4, RFC 5322 3.6.7),
+the ``Message-ID:`` and ``Date:`` a submission server adds when a client left them out (RFC 6409
+8.2, 8.3), and the few looks at the header section that policy needs (loop count, Message-ID,
+the ``From:`` addresses).
 
 Pure functions: the caller passes the time. Lines end in CRLF, the wire form the spool stores;
 Maildir delivery converts them.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 #: RFC 3848 / RFC 6531 "with" keywords, by (esmtp, tls, authenticated, utf8).
 _PROTOCOLS = {
@@ -51,6 +54,7 @@ class TraceInfo:
     recipient: str | None  # the "for" clause: only when there is exactly one recipient
     timestamp: float
     tls: str | None = None  # e.g. "(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)"
+    auth_user: str | None = None  # recorded only when the operator asks for it
 
 
 def received_header(info: TraceInfo) -> bytes:
@@ -62,6 +66,8 @@ def received_header(info: TraceInfo) -> bytes:
     ]
     if info.tls:
         lines.append(f"\t{info.tls}")
+    if info.auth_user:
+        lines.append(f"\t(Authenticated sender: {_clean(info.auth_user, 320)})")
     by = f"\tby {info.hostname} (postroom) with {info.protocol} id {info.queue_id}"
     date = email.utils.formatdate(info.timestamp, localtime=True)
     if info.recipient:
@@ -90,3 +96,49 @@ def message_id(header_section: bytes) -> str | None:
         return None
     value = re.sub(rb"\r?\n[ \t]+", b" ", match.group(1)).strip()
     return value.decode("utf-8", "replace") or None
+
+
+def _field_pattern(name: str) -> re.Pattern[bytes]:
+    return re.compile(rb"^" + re.escape(name.encode("ascii")) +
+                      rb"[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", re.IGNORECASE | re.MULTILINE)
+
+
+_FROM = _field_pattern("from")
+_DATE = _field_pattern("date")
+
+
+def _values(pattern: re.Pattern[bytes], header_section: bytes) -> list[str]:
+    """Every value of one field, unfolded, as text (RFC 6532 allows UTF-8 in headers)."""
+    return [
+        re.sub(rb"\r?\n[ \t]+", b" ", match.group(1)).strip().decode("utf-8", "replace")
+        for match in pattern.finditer(header_section)
+    ]
+
+
+def from_addresses(header_section: bytes) -> list[str]:
+    """The addresses of every ``From:`` field (RFC 5322 3.6.2: one or more mailboxes), without
+    display names; an unparsable field gives ``""`` so a caller checking ownership refuses it."""
+    found: list[str] = []
+    for value in _values(_FROM, header_section):
+        pairs = email.utils.getaddresses([value])
+        addresses = [address for _, address in pairs]
+        found.extend(addresses if addresses and all(addresses) else [""])
+    return found
+
+
+def submission_fixes(header_section: bytes, *, hostname: str, queue_id: str,
+                     timestamp: float) -> bytes:
+    """The header lines a submission server adds (RFC 6409 8.2 Date, 8.3 Message-ID) when the
+    client sent none, ending in CRLF; ``b""`` when nothing is missing."""
+    lines = []
+    if not _DATE.search(header_section):
+        lines.append(f"Date: {email.utils.formatdate(timestamp, localtime=True)}")
+    if not _MESSAGE_ID.search(header_section):
+        stamp = time_stamp(timestamp)
+        lines.append(f"Message-ID: <{stamp}.{queue_id}@{hostname}>")
+    return "".join(line + "\r\n" for line in lines).encode("utf-8")
+
+
+def time_stamp(timestamp: float) -> str:
+    """``YYYYmmddHHMMSS`` in UTC: the time part of the Message-IDs we make."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y%m%d%H%M%S")

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from postroom import log
 from postroom.config import Config, ListenerSection
+from postroom.net.auth import AuthService
 from postroom.net.limits import ConnectionCounts, LocalCounts
 from postroom.net.session import SmtpSession
 from postroom.policy.relay import may_relay
@@ -63,8 +64,11 @@ class SmtpServer:
         receiver: Receiver,
         counts: ConnectionCounts | None = None,
         tls_context: ssl.SSLContext | None = None,
+        auth: AuthService | None = None,
     ) -> None:
         self.receiver = receiver
+        #: Logins (SMTP AUTH); None: AUTH is not offered anywhere.
+        self.auth = auth
         #: Offered as STARTTLS to new sessions; None: no STARTTLS. Replaced on reload.
         self.tls_context = tls_context
         self.sessions: set[SmtpSession] = set()
@@ -80,13 +84,15 @@ class SmtpServer:
         self.hostname = config.hostname
         self.smtp_settings = smtp_settings(config)
 
-    async def start(self, sockets: Sequence[socket.socket]) -> None:
+    async def start(self, listeners: Sequence[tuple[socket.socket, ListenerSection]]) -> None:
         loop = asyncio.get_running_loop()
-        for sock in sockets:
-            server = await loop.create_server(lambda: SmtpSession(self), sock=sock)
+        for sock, listener in listeners:
+            server = await loop.create_server(
+                lambda listener=listener: SmtpSession(self, listener),  # type: ignore[misc]
+                sock=sock)
             self._servers.append(server)
             name = sock.getsockname()
-            log.logger.info("listening for SMTP on %s:%d", name[0], name[1])
+            log.logger.info("listening for SMTP (%s) on %s:%d", listener.role, name[0], name[1])
         self._sweeper = loop.create_task(self._sweep())
 
     # -- limits -------------------------------------------------------------------------------

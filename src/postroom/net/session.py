@@ -21,9 +21,13 @@ from postroom import log
 from postroom.delivery.maildir import UsageUnknown
 from postroom.net.tls import describe
 from postroom.receive import Client, Transaction
+from postroom.sasl import Challenge, Exchange, Failure, FailureKind, Outcome, PasswordCheck, Success
 from postroom.smtp import codes
 from postroom.smtp.codes import Reply
 from postroom.smtp.events import (
+    Auth,
+    AuthAborted,
+    AuthResponse,
     DataAborted,
     DataChunk,
     DataStart,
@@ -41,6 +45,7 @@ from postroom.smtp.events import (
 from postroom.smtp.server import ServerConnection
 
 if TYPE_CHECKING:
+    from postroom.config import ListenerSection
     from postroom.net.server import SmtpServer
 
 #: Pause reading when this much input waits unparsed behind a pending reply.
@@ -48,24 +53,39 @@ _PAUSE_ABOVE = 256 * 1024
 #: Hand replies to the transport once this much is queued, so its flow control can act.
 _FLUSH_ABOVE = 16 * 1024
 
+#: The SMTP reply to each way a SASL exchange can fail (RFC 4954 4 and 6).
+_SASL_FAILURES = {
+    FailureKind.REJECTED: codes.AUTH_FAILED,
+    FailureKind.MALFORMED: codes.AUTH_MALFORMED,
+    FailureKind.TOO_LONG: codes.AUTH_LINE_TOO_LONG,
+    FailureKind.CANCELLED: codes.AUTH_CANCELLED,
+    FailureKind.INITIAL_RESPONSE_REFUSED: Reply(501, "5.7.0",
+                                                "Initial response not allowed for this mechanism"),
+    FailureKind.UNAVAILABLE: codes.AUTH_UNAVAILABLE,
+}
+
 
 class SmtpSession(asyncio.Protocol):
     __slots__ = (
         "_paused",
         "_pending",
+        "_sasl",
         "_upgrade",
         "_write_paused",
         "client",
         "conn",
         "last_activity",
+        "listener",
         "server",
         "transport",
         "txn",
     )
 
-    def __init__(self, server: SmtpServer) -> None:
+    def __init__(self, server: SmtpServer, listener: ListenerSection) -> None:
         self.server = server
+        self.listener = listener
         self.conn = ServerConnection(server.smtp_settings)
+        self._sasl: Exchange | None = None  # the AUTH exchange in progress
         self.transport: asyncio.Transport | None = None
         self.client = Client(address="", port=0)
         self.txn: Transaction | None = None
@@ -91,10 +111,26 @@ class SmtpSession(asyncio.Protocol):
         else:
             self.client.may_relay = self.server.may_relay(address)
             log.logger.info("connect from %s", self.client.describe())
-            if self.server.tls_context is not None:
-                self.conn.extensions.append("STARTTLS")
+            self._configure(address)
+            if self.listener.implicit_tls:  # RFC 8314: TLS first, then the banner inside it
+                self._start_tls()
+                return
             self.conn.start()
         self._flush()
+
+    def _configure(self, address: str) -> None:
+        """What this listener's role offers (see ``ListenerSection``)."""
+        conn = self.conn
+        listener = self.listener
+        server = self.server
+        if server.tls_context is not None and not listener.implicit_tls and (
+                listener.role != "mx" or server.config.tls.starttls):
+            conn.extensions.append("STARTTLS")
+        auth = server.auth
+        if listener.offers_auth and auth is not None:
+            conn.auth_mechanisms = list(auth.mechanisms)
+            conn.auth_requires_tls = auth.requires_tls(address)
+        conn.require_auth = listener.requires_auth
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -198,7 +234,80 @@ class SmtpSession(asyncio.Protocol):
                 return Reply(454, "4.7.0", "TLS not available due to temporary reason")
             self._upgrade = True
             return Reply(220, "2.0.0", "Ready to start TLS")
+        if isinstance(event, Auth):
+            return self._auth_start(event)
+        if isinstance(event, AuthResponse):
+            if self._sasl is None:
+                return codes.BAD_SEQUENCE
+            return self._sasl_step(self._sasl.receive(event.line))
         return codes.NOT_IMPLEMENTED
+
+    # -- AUTH ---------------------------------------------------------------------------------
+    def _auth_start(self, event: Auth) -> Reply | None:
+        auth = self.server.auth
+        if auth is None:
+            return codes.NOT_IMPLEMENTED
+        wait = auth.blocked(self.client.address)
+        if wait > 0:
+            log.logger.warning("%s: AUTH refused: too many failed authentications (%d s left)",
+                               self.client.describe(), round(wait))
+            return Reply(421, "4.7.0", f"{self.server.hostname} Error: too many failed "
+                         "authentications; try again later")
+        exchange = auth.open(event.mechanism)
+        if exchange is None:
+            return codes.AUTH_MECHANISM
+        self._sasl = exchange
+        return self._sasl_step(exchange.begin(event.initial_response))
+
+    def _sasl_step(self, outcome: Outcome) -> Reply | None:
+        """A challenge or a success is answered at once; a password check or a failure (which
+        may have to wait out a throttle delay) is finished by a task."""
+        if isinstance(outcome, Challenge):
+            return codes.challenge(outcome.text)
+        if isinstance(outcome, Success):
+            return self._auth_succeeded(outcome)
+        self._pending = asyncio.get_running_loop().create_task(self._sasl_finish(outcome))
+        return None
+
+    def _auth_succeeded(self, success: Success) -> Reply:
+        auth = self.server.auth
+        exchange, self._sasl = self._sasl, None
+        assert auth is not None and exchange is not None
+        auth.succeeded(self.client.describe(), self.client.address, exchange.mechanism.name,
+                       success)
+        self.client.auth_user = success.authcid
+        self.client.auth_method = exchange.mechanism.name
+        self.client.may_relay = True  # an authenticated user may send anywhere (closed relay)
+        return codes.AUTH_OK
+
+    async def _sasl_finish(self, outcome: PasswordCheck | Failure) -> None:
+        auth = self.server.auth
+        exchange = self._sasl
+        reply: Reply
+        try:
+            assert auth is not None and exchange is not None
+            while isinstance(outcome, PasswordCheck):
+                result = exchange.password_checked(await auth.verify(outcome))
+                if isinstance(result, Success):
+                    self._answer_later(self._auth_succeeded(result))
+                    return
+                if isinstance(result, Challenge):
+                    self._answer_later(codes.challenge(result.text))
+                    return
+                outcome = result
+            self._sasl = None
+            refused = await auth.failed(self.client.describe(), self.client.address,
+                                        exchange.mechanism.name, outcome)
+            if refused:
+                reply = Reply(421, "4.7.0", f"{self.server.hostname} Error: too many failed "
+                              "authentications; try again later")
+            else:
+                reply = _SASL_FAILURES[outcome.kind]
+        except Exception:  # a bug costs this exchange a 454, never the connection
+            log.logger.exception("error during AUTH from %s", self.client.describe())
+            self._sasl = None
+            reply = codes.AUTH_UNAVAILABLE
+        self._answer_later(reply)
 
     def _observe(self, event: object) -> None:
         if isinstance(event, DataChunk):
@@ -217,6 +326,8 @@ class SmtpSession(asyncio.Protocol):
             self._drop_transaction()
         elif isinstance(event, Reset):
             self._drop_transaction()
+        elif isinstance(event, AuthAborted):
+            self._sasl = None
         elif isinstance(event, ProtocolViolation):
             log.logger.warning("%s from %s", event.reply.text, self.client.describe())
         elif isinstance(event, Quit):
@@ -258,12 +369,18 @@ class SmtpSession(asyncio.Protocol):
         plaintext: reading pauses now and resumes inside TLS."""
         transport = self.transport
         context = self.server.tls_context
-        if transport is None or transport.is_closing() or context is None:
+        if transport is None or transport.is_closing():
+            return
+        if context is None:  # implicit TLS without a certificate: nothing sensible to say
+            log.logger.error("no TLS certificate for the %s listener", self.listener.role)
+            transport.abort()
             return
         transport.pause_reading()
         self._pending = asyncio.get_running_loop().create_task(self._handshake(transport, context))
 
     async def _handshake(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """STARTTLS after our 220, or the first thing on an implicit-TLS port; the banner of
+        an implicit-TLS session goes out inside TLS once the handshake is done."""
         loop = asyncio.get_running_loop()
         try:
             secure = await loop.start_tls(transport, self, context, server_side=True,
@@ -279,8 +396,13 @@ class SmtpSession(asyncio.Protocol):
         self.transport = secure
         self.client.tls = describe(secure.get_extra_info("ssl_object"))
         self.client.helo = ""
+        self.client.auth_user = self.client.auth_method = None  # RFC 3207 4.2: start over
+        self.client.may_relay = self.server.may_relay(self.client.address)
+        self._sasl = None
         log.logger.info("TLS established from %s: %s", self.client.describe(), self.client.tls)
         self.conn.tls_established()
+        if self.listener.implicit_tls:
+            self.conn.start()
         self.last_activity = time.monotonic()
         self._pump()
 

@@ -88,6 +88,12 @@ class Router:
 
     # --- public ---
 
+    def may_send_as(self, login: str, sender: str) -> bool:
+        """May the authenticated *login* use *sender* (envelope or ``From:``)? Its own
+        address, with a subaddress, the aliases that lead to it and the extra senders the
+        operator granted (``postroom user sender``). StorageError when the store fails."""
+        return self._store.may_send_as(login, sender, self.delivery.recipient_delimiter)
+
     def resolve(self, address: Address, *, may_relay: bool) -> list[Destination] | Rejected:
         """The destinations of one ``RCPT TO`` address, or the reply refusing it."""
         shown = format_address(address.local, address.domain)

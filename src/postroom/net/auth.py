@@ -1,0 +1,156 @@
+"""Logins for every protocol: the SASL exchange's I/O side, brute-force throttling and its log.
+
+The SASL mechanisms (``postroom.sasl``) are sans-I/O; this service gives them what they need
+from outside (the credential store, nonces, the clock, a server secret) and does the parts that
+take time: argon2 checks run in worker threads, at most ``auth.max_parallel_checks`` at once per
+process (each takes 64 MiB at the default cost, so a login flood must not take the memory), and
+failure replies wait for the throttle's delay. SMTP AUTH uses it now; POP3 and IMAP logins go
+through the same service, so one client address has one failure count for all of them.
+
+Log lines, in the shape fail2ban's stock ``postfix-sasl`` filter reads (``contrib/fail2ban``
+has a filter for postroom's own process name)::
+
+    warning: unknown[192.0.2.7]: SASL PLAIN authentication failed: bad credentials
+    warning: unknown[192.0.2.7]: too many failed authentications; refused for 900 s
+    unknown[192.0.2.7]: SASL SCRAM-SHA-256 authentication succeeded, sasl_username=alice@example.com
+
+A password never appears in a log line or an exception message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import secrets
+import time
+from collections.abc import Sequence
+
+from postroom import log
+from postroom.config import AuthSection
+from postroom.policy.authlimit import AuthThrottle, ThrottleSettings
+from postroom.sasl import (
+    CredentialStore,
+    Exchange,
+    Failure,
+    FailureKind,
+    PasswordCheck,
+    SaslSettings,
+    Success,
+    open_exchange,
+)
+
+#: Failures that count against the client: a wrong password above all. A cancel or a failure
+#: on our side (the store was down) is not the client's fault.
+_COUNTED = frozenset({FailureKind.REJECTED, FailureKind.MALFORMED, FailureKind.TOO_LONG,
+                      FailureKind.INITIAL_RESPONSE_REFUSED})
+
+
+def throttle_settings(auth: AuthSection) -> ThrottleSettings:
+    """The ``[auth]`` section's brute-force knobs as the throttle takes them."""
+    return ThrottleSettings(
+        ip_free_failures=auth.ip_free_failures,
+        ip_max_failures=auth.ip_max_failures,
+        ip_half_life=auth.ip_half_life,
+        block_seconds=auth.block_seconds,
+        ip_delay_max=auth.max_delay,
+        account_free_failures=auth.account_free_failures,
+        account_half_life=auth.account_half_life,
+        account_delay_max=auth.max_delay,
+    )
+
+
+def _printable(text: str) -> str:
+    """Client-chosen text made safe for one log line."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:320]
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class AuthService:
+    """One per process; shared by every listener and protocol."""
+
+    def __init__(
+        self,
+        *,
+        credentials: CredentialStore,
+        throttle: AuthThrottle,
+        hostname: str,
+        decoy_secret: bytes,
+        mechanisms: Sequence[str],
+        scram_iterations: int,
+        max_parallel_checks: int,
+        allow_plaintext_on_loopback: bool = False,
+        decoy_hash: str | None = None,
+    ) -> None:
+        self.throttle = throttle
+        self.mechanisms = list(mechanisms)
+        self.allow_plaintext_on_loopback = allow_plaintext_on_loopback
+        self.settings = SaslSettings(
+            credentials=credentials,
+            hostname=hostname,
+            nonce=lambda: secrets.token_urlsafe(18),
+            clock=time.time,
+            decoy_secret=decoy_secret,
+            scram_iterations=scram_iterations,
+            decoy_hash=decoy_hash,
+        )
+        self._max_parallel = max_parallel_checks
+        self._checks: asyncio.Semaphore | None = None  # made on the loop that uses it
+
+    def reconfigure(self, auth: AuthSection) -> None:
+        """A reloaded ``[auth]``: mechanisms and the loopback switch, for new sessions (the
+        throttle's numbers and the check pool size need a restart)."""
+        self.mechanisms = list(auth.mechanisms)
+        self.allow_plaintext_on_loopback = auth.allow_plaintext_on_loopback
+
+    def requires_tls(self, address: str) -> bool:
+        """Credentials cross only TLS, unless the operator allowed plaintext from loopback."""
+        return not (self.allow_plaintext_on_loopback and is_loopback(address))
+
+    def open(self, mechanism: str) -> Exchange | None:
+        return open_exchange(mechanism, self.settings, offered=self.mechanisms)
+
+    def blocked(self, address: str) -> float:
+        """Seconds this address must still wait before it may try again; 0: it may."""
+        return self.throttle.check(address, time.monotonic()).blocked_for
+
+    async def verify(self, check: PasswordCheck) -> bool:
+        """Run an argon2 check in a worker thread, a bounded number at a time."""
+        if self._checks is None:
+            self._checks = asyncio.Semaphore(self._max_parallel)
+        async with self._checks:
+            return await asyncio.to_thread(check.check)
+
+    async def failed(self, client: str, address: str, mechanism: str, failure: Failure) -> bool:
+        """Log and count one failed exchange, wait out its delay; True when the address is
+        now refused (the caller says 421/BYE and disconnects)."""
+        account = failure.authcid or ""
+        if failure.kind not in _COUNTED:  # not the client's guess: no fail2ban-shaped line
+            log.logger.info("%s: SASL %s authentication ended: %s", client, mechanism,
+                            failure.reason)
+            return False
+        # The user name goes on a line of its own: fail2ban's filters expect the failure line
+        # to end after the reason, and a user name is client-chosen text.
+        log.logger.warning("%s: SASL %s authentication failed: %s", client, mechanism,
+                           failure.reason)
+        if account:
+            log.logger.info("%s: failed login, sasl_username=%s", client, _printable(account))
+        verdict = self.throttle.failure(address, account, time.monotonic())
+        if verdict.blocked:
+            if verdict.just_blocked:  # once per block, though several workers may see it
+                log.logger.warning("%s: too many failed authentications; refused for %d s",
+                                   client, round(verdict.blocked_for))
+            return True
+        if verdict.delay > 0:
+            await asyncio.sleep(verdict.delay)
+        return False
+
+    def succeeded(self, client: str, address: str, mechanism: str, success: Success) -> None:
+        self.throttle.success(address, success.authcid, time.monotonic())
+        log.logger.info("%s: SASL %s authentication succeeded, sasl_username=%s", client,
+                        mechanism, _printable(success.authcid))
