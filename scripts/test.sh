@@ -9,12 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in swaks postfix strace libnet-ssleay-perl dovecot-core openssl; do
+for pkg in swaks postfix strace libnet-ssleay-perl dovecot-core openssl msmtp fail2ban; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    # Install postfix without configuring or starting it: nothing may listen on port 25.
+    # Install postfix without configuring or starting it: nothing may listen on port 25; the
+    # policy-rc.d below keeps every package's daemon (postfix, dovecot, fail2ban) stopped.
     echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
     made_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then

@@ -58,6 +58,7 @@ class ServerHandle:
     root: Path
     port: int
     extra_config: str = ""
+    server_extra: str = ""  # more keys for the [server] table
     proc: subprocess.Popen[bytes] | None = None
     hostname: str = "mx.test.example"
     env: dict[str, str] = field(default_factory=dict)
@@ -82,6 +83,7 @@ hostname = "{self.hostname}"
 data_dir = "{self.data_dir}"
 run_as = ""
 log_file = "{self.log_path}"
+{self.server_extra}
 
 [[listener]]
 address = "127.0.0.1:{self.port}"
@@ -144,8 +146,9 @@ address = "127.0.0.1:{self.port}"
         raise AssertionError("condition not reached in time")
 
 
-def make_server(tmp_path: Path, extra_config: str = "") -> ServerHandle:
-    handle = ServerHandle(root=tmp_path, port=free_port(), extra_config=extra_config)
+def make_server(tmp_path: Path, extra_config: str = "", server_extra: str = "") -> ServerHandle:
+    handle = ServerHandle(root=tmp_path, port=free_port(), extra_config=extra_config,
+                          server_extra=server_extra)
     handle.write_config()
     handle.cli("domain", "add", "example.com")
     handle.cli("user", "add", "alice@example.com", "--password-stdin", stdin="alice-secret\n")

@@ -50,9 +50,9 @@ block_seconds = 60
 """
 
 
-def start(tmp_path: Path, extra: str = "") -> Submission:
+def start(tmp_path: Path, extra: str = "", server_extra: str = "") -> Submission:
     sub, subs = free_port(), free_port()
-    handle = make_server(tmp_path, submission_config(sub, subs, extra))
+    handle = make_server(tmp_path, submission_config(sub, subs, extra), server_extra)
     handle.cli("user", "add", "carol@example.com", "--allow-cram-md5", "--password-stdin",
                stdin="carol-secret\n")
     handle.start()
@@ -325,6 +325,27 @@ def test_thirty_wrong_passwords_are_throttled_then_refused(sub: Submission) -> N
     log = sub.server.log()
     assert log.count("SASL PLAIN authentication failed: bad credentials") == len(codes)
     assert "too many failed authentications; refused for 60 s" in log
+
+
+def test_workers_share_the_failure_counts(tmp_path: Path) -> None:
+    """Two worker processes: the kernel spreads the connections, the block holds for both."""
+    running = start(tmp_path, server_extra="workers = 2")
+    try:
+        codes: list[int] = []
+        pids: set[str] = set()
+        while not codes or codes[-1] != 421:  # one attempt per connection
+            with smtp(running.submission) as client:
+                client.starttls(context=context())
+                client.ehlo()
+                codes.append(client.docmd("AUTH", "PLAIN AGFsaWNlAHdyb25n")[0])
+            assert len(codes) <= 13
+        for line in running.server.log().splitlines():
+            if "SASL PLAIN authentication failed" in line:
+                pids.add(line.split("]:")[0].rsplit("[", 1)[1])
+        assert len(pids) == 2, "both workers answered some of the attempts"
+        assert 12 <= len(codes) <= 13
+    finally:
+        running.server.stop()
 
 
 @pytest.mark.interop

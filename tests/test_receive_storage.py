@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import smtplib
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 from postroom import config as config_mod
 from postroom.accounts.passwords import hash_password
 from postroom.accounts.store import AccountStore
-from postroom.daemon import receive_settings
+from postroom.daemon import receive_settings, tls_context
 from postroom.delivery.maildir import MaildirUsage
 from postroom.net.server import SmtpServer, bind_listener
 from postroom.policy.router import Router
@@ -39,11 +40,13 @@ class FailingDisk(Disk):
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, disk: Disk) -> AsyncIterator[tuple[int, Path]]:
+async def running(tmp_path: Path, disk: Disk, role: str = "mx") -> AsyncIterator[tuple[int, Path]]:
+    """The server's parts on this test's event loop (plain asyncio, not uvloop)."""
     cfg = config_mod.from_dict({
         "server": {"hostname": "mx.test.example", "data_dir": str(tmp_path / "data")},
-        "listener": [{"address": "127.0.0.1:0"}],
+        "listener": [{"address": "127.0.0.1:0", "role": role, "auth": False}],
         "passwords": {"time_cost": 1, "memory_cost_kib": 8, "parallelism": 1},
+        "relay": {"trusted_networks": ["127.0.0.0/8"]},
     })
     store = AccountStore.for_config(cfg)
     store.add_domain("example.com")
@@ -54,7 +57,7 @@ async def running(tmp_path: Path, disk: Disk) -> AsyncIterator[tuple[int, Path]]
     spool = Spool(cfg.data_dir, committer, usage, cfg.hostname, disk=disk)
     receiver = Receiver(receive_settings(cfg), Router(store, cfg.delivery, usage.usage,
                                                       cfg.data_dir), spool)
-    server = SmtpServer(cfg, receiver)
+    server = SmtpServer(cfg, receiver, tls_context=tls_context(cfg))
     sock = bind_listener(cfg.listeners()[0])
     port = sock.getsockname()[1]
     await server.start([(sock, cfg.listeners()[0])])
@@ -101,3 +104,30 @@ def test_storage_failure_replies(tmp_path: Path, err: int, code: int, enhanced: 
     assert list((maildir / "tmp").iterdir()) == []  # nothing half-written left behind
     assert list((data_dir / "queue" / "active").iterdir()) == []
     assert list((data_dir / "queue" / "incoming").iterdir()) == []
+
+
+def test_tls_on_plain_asyncio_keeps_what_the_client_sends_first(tmp_path: Path) -> None:
+    """asyncio may hand the protocol its first decrypted bytes before ``start_tls`` returns:
+    they must still be read, after the core knows TLS is up (and, on 465, after the banner)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+
+    def starttls(port: int) -> int:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="c.test", timeout=10) as client:
+            client.starttls(context=ctx)
+            refused = client.sendmail("a@remote.example", ["alice@example.com"],
+                                      b"Subject: s\r\n\r\nbody\r\n")
+            return 0 if refused else 250
+
+    def implicit(port: int) -> int:
+        with smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="c.test", timeout=10,
+                              context=ctx) as client:
+            return client.noop()[0]
+
+    async def scenario(role: str, client: Callable[[int], int]) -> int:
+        async with running(tmp_path / role, Disk(), role) as (port, _):
+            return await asyncio.to_thread(client, port)
+
+    assert asyncio.run(scenario("mx", starttls)) == 250
+    assert asyncio.run(scenario("submissions", implicit)) == 250

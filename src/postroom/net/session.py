@@ -67,6 +67,7 @@ _SASL_FAILURES = {
 
 class SmtpSession(asyncio.Protocol):
     __slots__ = (
+        "_early",
         "_paused",
         "_pending",
         "_sasl",
@@ -86,6 +87,9 @@ class SmtpSession(asyncio.Protocol):
         self.listener = listener
         self.conn = ServerConnection(server.smtp_settings)
         self._sasl: Exchange | None = None  # the AUTH exchange in progress
+        #: During a TLS handshake: what the client sent inside TLS before the handshake's await
+        #: returned (asyncio may deliver it that early); fed to the core once it knows TLS is up.
+        self._early: bytearray | None = None
         self.transport: asyncio.Transport | None = None
         self.client = Client(address="", port=0)
         self.txn: Transaction | None = None
@@ -134,6 +138,11 @@ class SmtpSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
+        if self._early is not None:
+            self._early += data
+            if len(self._early) > _PAUSE_ABOVE and self.transport is not None:
+                self.transport.abort()  # nobody sends that much before seeing a greeting
+            return
         self.conn.receive_data(data)
         self._pump()
 
@@ -376,6 +385,7 @@ class SmtpSession(asyncio.Protocol):
             transport.abort()
             return
         transport.pause_reading()
+        self._early = bytearray()
         self._pending = asyncio.get_running_loop().create_task(self._handshake(transport, context))
 
     async def _handshake(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
@@ -387,10 +397,11 @@ class SmtpSession(asyncio.Protocol):
                                           ssl_handshake_timeout=self.server.config.smtp.command_timeout)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.logger.info("TLS handshake failed from %s: %s", self.client.describe(), exc)
-            self._pending = None
+            self._pending = self._early = None
             transport.abort()
             return
         self._pending = None
+        early, self._early = self._early, None
         if secure is None:  # the connection went away during the handshake
             return
         self.transport = secure
@@ -403,6 +414,8 @@ class SmtpSession(asyncio.Protocol):
         self.conn.tls_established()
         if self.listener.implicit_tls:
             self.conn.start()
+        if early:
+            self.conn.receive_data(bytes(early))
         self.last_activity = time.monotonic()
         self._pump()
 
