@@ -35,7 +35,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0,
+              host: str = "127.0.0.1") -> None:
     """Wait for the server's 220 banner: the port listens before the event loop (and its signal
     handlers) run, so an open port alone does not mean ready."""
     deadline = time.monotonic() + timeout
@@ -43,7 +44,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            with socket.create_connection((host, port), timeout=2) as sock:
                 if sock.recv(512).startswith(b"220 "):
                     sock.sendall(b"QUIT\r\n")
                     return
@@ -59,6 +60,7 @@ class ServerHandle:
     port: int
     extra_config: str = ""
     server_extra: str = ""  # more keys for the [server] table
+    host: str = "127.0.0.1"  # where the mx listener binds
     proc: subprocess.Popen[bytes] | None = None
     hostname: str = "mx.test.example"
     env: dict[str, str] = field(default_factory=dict)
@@ -86,7 +88,7 @@ log_file = "{self.log_path}"
 {self.server_extra}
 
 [[listener]]
-address = "127.0.0.1:{self.port}"
+address = "{self.host}:{self.port}"
 {FAST_PASSWORDS}
 {self.extra_config}
 """
@@ -108,7 +110,7 @@ address = "127.0.0.1:{self.port}"
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, **self.env},
         )
-        wait_port(self.port, self.proc)
+        wait_port(self.port, self.proc, host=self.host)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None
@@ -146,9 +148,12 @@ address = "127.0.0.1:{self.port}"
         raise AssertionError("condition not reached in time")
 
 
-def make_server(tmp_path: Path, extra_config: str = "", server_extra: str = "") -> ServerHandle:
-    handle = ServerHandle(root=tmp_path, port=free_port(), extra_config=extra_config,
-                          server_extra=server_extra)
+def make_server(tmp_path: Path, extra_config: str = "", server_extra: str = "", *,
+                host: str = "127.0.0.1", port: int | None = None,
+                hostname: str = "mx.test.example") -> ServerHandle:
+    handle = ServerHandle(root=tmp_path, port=port or free_port(), extra_config=extra_config,
+                          server_extra=server_extra, host=host, hostname=hostname)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     handle.write_config()
     handle.cli("domain", "add", "example.com")
     handle.cli("user", "add", "alice@example.com", "--password-stdin", stdin="alice-secret\n")

@@ -159,6 +159,49 @@ class RelaySection(_Section):
         return [ipaddress.ip_network(n, strict=False) for n in self.trusted_networks]
 
 
+TlsPolicyName = Literal["none", "opportunistic", "required"]
+
+
+class OutboundSection(_Section):
+    """Mail to other domains: DNS, next hops, TLS, connections (Postfix's smtp client)."""
+
+    #: Name servers for MX/A/AAAA lookups; empty: the system's (/etc/resolv.conf).
+    nameservers: list[str] = Field(default_factory=list)
+    dns_port: Annotated[int, Field(ge=1, le=65535)] = 53
+    dns_timeout: Annotated[float, Field(gt=0)] = 10.0
+    #: Send everything through this host instead of MX lookups (Postfix relayhost):
+    #: "[smtp.example.net]:587" (no MX lookup) or "example.net" (its MX). "" for none.
+    relayhost: str = ""
+    relayhost_username: str = ""
+    relayhost_password: str = Field(default="", repr=False)
+    #: TLS with the relay host; default: the general ``tls_policy``.
+    relayhost_tls: TlsPolicyName | None = None
+    #: Per-domain next hops (Postfix transport_maps): {"example.org" = "[10.0.0.5]:25"};
+    #: a key ".example.org" covers its subdomains.
+    transports: dict[str, str] = Field(default_factory=dict)
+    #: STARTTLS with MX hosts: none, opportunistic (RFC 3207 as Postfix's "may"), or required
+    #: (verified certificate; no delivery otherwise).
+    tls_policy: TlsPolicyName = "opportunistic"
+    #: Destinations the DNS names that are loopback/private are refused unless listed here.
+    allow_networks: list[str] = Field(default_factory=list)
+    #: The port MX hosts listen on (25; tests change it).
+    smtp_port: Annotated[int, Field(ge=1, le=65535)] = 25
+    connect_timeout: Annotated[float, Field(gt=0)] = 30.0
+    #: Deliveries at once to one destination (Postfix default_destination_concurrency_limit).
+    max_per_destination: Annotated[int, Field(ge=1)] = 20
+    #: Recipients per SMTP transaction (Postfix default_destination_recipient_limit is 50).
+    max_recipients_per_transaction: Annotated[int, Field(ge=1)] = 50
+    #: Seconds a destination that could not be reached at all is skipped by other messages.
+    dead_destination_time: Annotated[float, Field(ge=0)] = 60.0
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _check_allowed(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+        return value
+
+
 class DeliverySection(_Section):
     #: ``user+tag@domain`` delivers to ``user@domain``; "" turns subaddressing off.
     recipient_delimiter: str = "+"
@@ -179,6 +222,14 @@ class QueueSection(_Section):
     max_lifetime: Annotated[float, Field(gt=0)] = 5 * 86400.0
     #: How often the queue runner looks for due messages.
     scan_interval: Annotated[float, Field(gt=0)] = 60.0
+    #: A "still trying" notice (RFC 3464 delayed) after this many seconds; 0: never (Postfix's
+    #: delay_warning_time default).
+    delay_warning: Annotated[float, Field(ge=0)] = 0.0
+    #: Bounces return the whole message up to this size, else its headers (Postfix
+    #: bounce_size_limit).
+    bounce_size_limit: Annotated[int, Field(ge=1)] = 50_000
+    #: A bounce that cannot be delivered goes to the postmaster (true) or is dropped.
+    double_bounce_to_postmaster: bool = True
 
 
 class TlsSection(_Section):
@@ -251,6 +302,7 @@ class Config(_Section):
     listener: list[ListenerSection] = Field(default_factory=list)
     smtp: SmtpSection = Field(default_factory=SmtpSection)
     relay: RelaySection = Field(default_factory=RelaySection)
+    outbound: OutboundSection = Field(default_factory=OutboundSection)
     delivery: DeliverySection = Field(default_factory=DeliverySection)
     queue: QueueSection = Field(default_factory=QueueSection)
     tls: TlsSection = Field(default_factory=TlsSection)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import pwd
 import shutil
@@ -33,6 +34,10 @@ from postroom.accounts.secrets import ServerKey
 from postroom.accounts.store import AccountStore
 from postroom.config import Config, ListenerSection
 from postroom.delivery.maildir import MaildirUsage
+from postroom.delivery.remote import RemoteDeliverer, RemoteSettings
+from postroom.delivery.route import Credentials, NextHop, RouteSettings, TlsPolicy
+from postroom.delivery.route import Router as OutboundRouter
+from postroom.dns import Resolver
 from postroom.errors import ConfigError
 from postroom.net.auth import AuthService, throttle_settings
 from postroom.net.limits import ConnectionCounts, SharedCounts
@@ -40,6 +45,7 @@ from postroom.net.server import SmtpServer, bind_listener
 from postroom.net.tls import server_context
 from postroom.policy.authlimit import AuthThrottle, LocalThrottle, SharedThrottle
 from postroom.policy.router import Router
+from postroom.queue.bounce import Notifier
 from postroom.queue.committer import Committer
 from postroom.queue.runner import QueueRunner
 from postroom.queue.spool import Spool
@@ -78,6 +84,33 @@ class LoginParts:
                                   else LocalThrottle(settings))
         return cls(ServerKey.load_or_create(config.data_dir), decoy_password_hash(config.passwords),
                    throttle)
+
+
+def route_settings(config: Config) -> RouteSettings:
+    """``[outbound]`` as the outbound router takes it; ConfigError for a bad next hop."""
+    out = config.outbound
+    relayhost = None
+    if out.relayhost:
+        auth = (Credentials(out.relayhost_username, out.relayhost_password)
+                if out.relayhost_username else None)
+        tls = TlsPolicy(out.relayhost_tls) if out.relayhost_tls else None
+        relayhost = NextHop.parse(out.relayhost, tls=tls, auth=auth)
+    return RouteSettings(
+        relayhost=relayhost,
+        transports={domain.lower(): NextHop.parse(hop) for domain, hop in out.transports.items()},
+        allow_networks=[ipaddress.ip_network(n, strict=False) for n in out.allow_networks],
+        port=out.smtp_port,
+        own_names=frozenset({config.hostname.lower()}),
+    )
+
+
+def outbound_deliverer(config: Config) -> RemoteDeliverer:
+    out = config.outbound
+    resolver = Resolver(out.nameservers, port=out.dns_port, timeout=out.dns_timeout)
+    router = OutboundRouter(resolver, route_settings(config))
+    settings = RemoteSettings(helo_name=config.hostname, tls_policy=TlsPolicy(out.tls_policy),
+                              connect_timeout=out.connect_timeout)
+    return RemoteDeliverer(settings, router)
 
 
 def auth_service(config: Config, accounts: AccountStore, parts: LoginParts) -> AuthService:
@@ -182,7 +215,12 @@ class Daemon:
         committer.start()
         spool = Spool(data_dir, committer, usage, config.hostname,
                       first_retry=config.queue.min_backoff)
-        runner = QueueRunner(spool, committer, config)
+        deliverer = outbound_deliverer(config)
+        notifier = Notifier(spool, router, config.hostname,
+                            size_limit=config.queue.bounce_size_limit,
+                            double_bounces=config.queue.double_bounce_to_postmaster,
+                            delay_warnings=config.queue.delay_warning > 0)
+        runner = QueueRunner(spool, committer, config, deliverer=deliverer, notifier=notifier)
         receiver = Receiver(receive_settings(config), router, spool)
         auth = None if self.logins is None else auth_service(config, accounts, self.logins)
         server = SmtpServer(config, receiver, self.counts, self.tls_context, auth)
@@ -201,6 +239,7 @@ class Daemon:
             await server.shutdown()
         finally:
             await runner.stop()
+            await deliverer.close()
             await asyncio.to_thread(committer.stop)
             accounts.close()
             log.logger.info("stopped")
@@ -228,6 +267,11 @@ class Daemon:
         receiver.settings = receive_settings(new)
         router.delivery = new.delivery
         runner.config = new
+        if runner.deliverer is not None:
+            try:
+                runner.deliverer.router.settings = route_settings(new)
+            except ConfigError as exc:
+                log.logger.error("reload: keeping the outbound routes in use: %s", exc)
         log.logger.setLevel(new.server.log_level.upper())
         self.config = new
         log.logger.info("reloaded %s", new.source)

@@ -14,6 +14,9 @@ from typing import Any
 
 from postroom.policy.routes import Destination, LocalDelivery, RemoteDelivery
 
+#: Attempts kept per recipient in its history.
+HISTORY = 20
+
 
 class RecipientState(StrEnum):
     PENDING = "pending"  # not yet tried
@@ -37,6 +40,21 @@ class Recipient:
     attempts: int = 0
     next_attempt: float = 0.0
     last_error: str | None = None
+    #: What the last attempt ended with, for the log, ``queue show`` and a DSN (RFC 3464 2.3):
+    #: the enhanced status, the remote host and its reply, and the command it answered.
+    status: str | None = None
+    remote_mta: str | None = None
+    diagnostic: str | None = None
+    stage: str | None = None
+    last_attempt: float = 0.0
+    #: Notices sent about this recipient: "delay", "failure", "success" (never twice).
+    notified: list[str] = field(default_factory=list)
+    #: The last :data:`HISTORY` attempts: {"time", "result", "detail"}.
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, when: float, result: str, detail: str) -> None:
+        self.history.append({"time": round(when, 3), "result": result, "detail": detail})
+        del self.history[:-HISTORY]
 
     @property
     def address(self) -> str:
@@ -63,6 +81,13 @@ class Recipient:
             "attempts": self.attempts,
             "next_attempt": self.next_attempt,
             "last_error": self.last_error,
+            "status": self.status,
+            "remote_mta": self.remote_mta,
+            "diagnostic": self.diagnostic,
+            "stage": self.stage,
+            "last_attempt": self.last_attempt,
+            "notified": self.notified,
+            "history": self.history,
         }
 
     @classmethod
@@ -83,6 +108,13 @@ class Recipient:
             attempts=data.get("attempts", 0),
             next_attempt=data.get("next_attempt", 0.0),
             last_error=data.get("last_error"),
+            status=data.get("status"),
+            remote_mta=data.get("remote_mta"),
+            diagnostic=data.get("diagnostic"),
+            stage=data.get("stage"),
+            last_attempt=data.get("last_attempt", 0.0),
+            notified=list(data.get("notified", [])),
+            history=list(data.get("history", [])),
         )
 
 

@@ -1,26 +1,30 @@
-"""The queue runner: retries what the spool could not deliver at once, with backoff and expiry.
+"""The queue manager: delivers what the spool could not deliver at once, with backoff, expiry,
+per-destination limits and delivery status notifications.
 
-On start, on :meth:`QueueRunner.wake` and at least every ``queue.scan_interval`` it reads the
-queue and works on each message with recipients due. For a local recipient:
+It scans the queue on start, on :meth:`QueueRunner.wake` and at least every
+``queue.scan_interval``, and starts work on each message with recipients due (a message already
+being worked on is skipped; scanning never waits for a slow destination). For the due recipients
+of a message:
 
 1. the attempt is recorded first (``attempts`` + 1, ``next_attempt`` = now + backoff) and made
    durable, so a crash during the delivery cannot lose count of it or retry in a tight loop;
-2. the message is written into the Maildir through the committer (one copy per Maildir). A copy
-   that cannot be created or written fails its own recipients only; one that the round then
-   cannot fsync or rename fails the whole attempt, and its other copies are dropped too unless
-   already renamed into place (a retry may then duplicate one, which RFC 5321 6.1 prefers);
-3. the outcome is recorded: DELIVERED, or DEFERRED with the reason; and once the message has been
-   in the queue longer than ``queue.max_lifetime``, a failure is final: BOUNCED (RFC 3463 5.4.7).
+2. local recipients are written into their Maildirs through the committer (one copy per
+   Maildir); remote recipients are grouped by domain, at most
+   ``outbound.max_recipients_per_transaction`` per SMTP transaction, and handed to the
+   :class:`~postroom.delivery.remote.RemoteDeliverer` (MX lookup, SMTP, TLS), at most
+   ``outbound.max_per_destination`` deliveries at once per domain. A domain none of whose hosts
+   could be reached is skipped by other messages for ``outbound.dead_destination_time``, so a
+   dead destination does not hold up the rest of the queue;
+3. the outcome is recorded per recipient: DELIVERED; BOUNCED on a permanent failure (5xx, or a
+   DNS verdict such as NXDOMAIN or a null MX); DEFERRED on a temporary one, until the message has
+   been queued longer than ``queue.max_lifetime``: then BOUNCED (the last status, as 5.x.x);
+4. notices (RFC 3464, :mod:`postroom.queue.bounce`): a bounce for the failed recipients, a
+   "delivered/relayed" notice for NOTIFY=SUCCESS, and with ``queue.delay_warning`` a delay
+   notice once. The notice is spooled before the recipients are marked notified.
 
 The backoff is Postfix's: ``min_backoff`` doubling per attempt up to ``max_backoff``, with +-10 %
-jitter so that retries of one burst spread out. Remote recipients wait for the relay issue: they
-are DEFERRED ("relay not implemented yet") until ``max_backoff`` from now, then bounce at expiry.
-
-The non-delivery notification (RFC 3464) for a bounced recipient comes with a later issue; until
-then the recipient's ``last_error`` starts with :data:`DSN_PENDING` and the queue file stays, so
-that issue finds what it must send. No notification is due when the sender is the null path
-(RFC 5321 6.1) or NOTIFY (RFC 3461 4.1) leaves out FAILURE. A message whose recipients are all
-done and owe no notification is removed (``QUEUEID: removed``).
+jitter so that retries of one burst spread out. A message whose recipients are all done and owe
+no notice is removed (``QUEUEID: removed``).
 """
 
 from __future__ import annotations
@@ -38,21 +42,23 @@ from pathlib import Path
 from postroom import log
 from postroom.config import Config
 from postroom.delivery.maildir import delivery_headers, size_from_name, write_message
+from postroom.delivery.remote import FileSource, RecipientResult, RemoteDeliverer
 from postroom.errors import StorageError
-from postroom.policy.routes import LocalDelivery
+from postroom.message.dsn import Action, DsnKind, wants
+from postroom.policy.routes import LocalDelivery, RemoteDelivery
+from postroom.queue.bounce import Notifier
 from postroom.queue.committer import Committer, DirSync, storage_error
 from postroom.queue.envelope import Envelope, Recipient, RecipientState
-from postroom.queue.spool import Spool, log_outcome, log_removed
+from postroom.queue.spool import MAX_ENVELOPE_LINE, Spool, log_outcome, log_removed
+from postroom.smtp.client_events import OutboundEnvelope, OutboundRecipient, Stage, Verdict
 
 logger = logging.getLogger("postroom.queue")
 
-#: Start of ``last_error`` for a bounced recipient whose notification is still to be sent.
-DSN_PENDING = "[dsn pending] "
 #: What a recipient's ``last_error`` says while an attempt is under way; seen only after a crash.
 ATTEMPT_UNDER_WAY = "delivery attempt under way (interrupted if this stays)"
-RELAY_NOT_IMPLEMENTED = "relay not implemented yet"
-#: Messages worked on at once; their commits share rounds.
-CONCURRENCY = 16
+NO_RELAY = "outbound delivery is not configured in this process"
+#: Messages worked on at once; local commits share rounds, remote ones wait on the network.
+CONCURRENCY = 100
 #: Shortest sleep between two scans, so that a message which keeps failing cannot spin.
 MIN_SLEEP = 1.0
 
@@ -65,19 +71,14 @@ def backoff_delay(
     return min(max(base * rng.uniform(0.9, 1.1), min_backoff), max_backoff)
 
 
-def dsn_pending(recipient: Recipient) -> bool:
-    return recipient.last_error is not None and recipient.last_error.startswith(DSN_PENDING)
-
-
-def wants_failure_dsn(envelope: Envelope, recipient: Recipient) -> bool:
-    if not envelope.sender:
-        return False  # never notify the null reverse path
-    return recipient.notify is None or "FAILURE" in {n.upper() for n in recipient.notify}
+def owes_failure_notice(recipient: Recipient) -> bool:
+    """Bounced, and the bounce (or the decision that none is due) not yet made."""
+    return recipient.state is RecipientState.BOUNCED and "failure" not in recipient.notified
 
 
 def finished(envelope: Envelope) -> bool:
     """Nothing left to do for the message: every recipient done, no notification owed."""
-    return envelope.done and not any(dsn_pending(r) for r in envelope.recipients)
+    return envelope.done and not any(owes_failure_notice(r) for r in envelope.recipients)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,34 @@ class _Attempt:
     ok: bool
     detail: str  # "delivered to maildir", or the error
     dsn: str
+    permanent: bool = False  # a failure that no retry can cure
+    relay: str = "local"
+    remote_mta: str | None = None  # the host that answered, for a DSN's Remote-MTA
+    diagnostic: str | None = None  # its reply, lines as received
+    stage: str | None = None
+    success_action: Action | None = Action.DELIVERED  # what a NOTIFY=SUCCESS notice says
+
+
+def _remote_attempt(result: RecipientResult) -> _Attempt:
+    reply = result.reply
+    diagnostic = None
+    if not result.local:
+        diagnostic = "\n".join(
+            line.rstrip("\r") for line in reply.to_bytes().decode("utf-8", "replace").split("\n")
+            if line)
+    verdict = result.verdict
+    return _Attempt(
+        ok=verdict is Verdict.DELIVERED,
+        detail=result.detail,
+        dsn=result.dsn,
+        permanent=verdict is Verdict.PERMANENT,
+        relay=result.relay,
+        remote_mta=result.target.host if result.target is not None and not result.local else None,
+        diagnostic=diagnostic,
+        stage=None if result.local else result.stage.value,
+        # A next hop that took NOTIFY reports success itself (RFC 3461 4.1): no notice from us.
+        success_action=None if result.dsn_passed else Action.RELAYED,
+    )
 
 
 class QueueRunner:
@@ -100,9 +129,18 @@ class QueueRunner:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        deliverer: RemoteDeliverer | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self._spool = spool
         self._committer = committer
+        self.deliverer = deliverer
+        self.notifier = notifier
+        self._inflight: set[str] = set()  # queue ids being worked on
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._gate = asyncio.Semaphore(CONCURRENCY)
+        self._destinations: dict[str, asyncio.Semaphore] = {}
+        self._dead: dict[str, tuple[float, str]] = {}  # domain -> (until, why)
         #: Read afresh on every use: assign a new Config to reload (SIGHUP).
         self.config = config
         self._clock = clock
@@ -131,6 +169,8 @@ class QueueRunner:
         self._wake.set()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def wake(self) -> None:
         """Scan now (the spool queued something). Safe to call often."""
@@ -145,7 +185,7 @@ class QueueRunner:
             self._wake.clear()
             earliest: float | None = None
             try:
-                earliest = await self.run_once()
+                earliest, _ = await self._scan()
             except Exception:
                 logger.exception("queue run failed")
             if self._stopping:
@@ -160,14 +200,23 @@ class QueueRunner:
     # ---- one scan -----------------------------------------------------------------------------
 
     async def run_once(self) -> float | None:
-        """Work on every message with recipients due now; return the next due time, if any."""
+        """Work on every message with recipients due now, and wait for that work to end;
+        return the next due time, if any."""
+        earliest, work = await self._scan()
+        if work:
+            await asyncio.gather(*work)
+        return earliest
+
+    async def _scan(self) -> tuple[float | None, list[asyncio.Task[None]]]:
+        """Start work on every message with recipients due now (unless already under way);
+        return the next due time and the tasks started."""
         now = self._clock()
         entries = await asyncio.to_thread(self._spool.load_queue)
-        gate = asyncio.Semaphore(CONCURRENCY)
+        gate = self._gate
         work: list[asyncio.Task[None]] = []
         earliest: float | None = None
         for envelope, path in entries:
-            if envelope.hold:
+            if envelope.hold or envelope.queue_id in self._inflight:
                 continue
             waiting = [r for r in envelope.recipients if _waiting(r)]
             due = [r for r in waiting if r.next_attempt <= now]
@@ -176,11 +225,20 @@ class QueueRunner:
                     earliest is None or recipient.next_attempt < earliest
                 ):
                     earliest = recipient.next_attempt
-            if due or finished(envelope):
-                work.append(asyncio.create_task(self._guarded(gate, envelope, path, due, now)))
-        if work:
-            await asyncio.gather(*work)
-        return earliest
+            if due or finished(envelope) or any(map(owes_failure_notice, envelope.recipients)):
+                queue_id = envelope.queue_id
+                task = asyncio.create_task(self._guarded(gate, envelope, path, due, now))
+                self._inflight.add(queue_id)
+                self._tasks.add(task)
+                task.add_done_callback(lambda t, q=queue_id: self._done(t, q))  # type: ignore[misc]
+                work.append(task)
+        return earliest, work
+
+    def _done(self, task: asyncio.Task[None], queue_id: str) -> None:
+        self._tasks.discard(task)
+        self._inflight.discard(queue_id)
+        if not self._stopping:
+            self._wake.set()  # its next attempt may be due sooner than the scan planned
 
     async def _guarded(
         self,
@@ -206,15 +264,17 @@ class QueueRunner:
         self, envelope: Envelope, path: Path, due: list[Recipient], now: float
     ) -> None:
         expires = envelope.arrival + self.config.queue.max_lifetime
-        bounced = 0  # recipients bounced now that are owed a notification
-        local = [r for r in due if isinstance(r.destination, LocalDelivery)]
-        if local:
-            for recipient in local:
+        if due:
+            for recipient in due:
                 recipient.attempts += 1
                 recipient.state = RecipientState.DEFERRED
                 recipient.next_attempt = self._next_attempt(recipient.attempts, now, expires)
                 recipient.last_error = ATTEMPT_UNDER_WAY
+                recipient.last_attempt = now
             await self._committer.submit(lambda ds: self._spool.update_envelope(path, envelope, ds))
+        successes: list[tuple[Recipient, Action]] = []
+        local = [r for r in due if isinstance(r.destination, LocalDelivery)]
+        if local:
             try:
                 results = await self._committer.submit(
                     lambda ds: self._deliver(envelope, path, local, ds)
@@ -223,16 +283,88 @@ class QueueRunner:
                 failure = _Attempt(False, str(exc), "4.3.1" if exc.disk_full else "4.3.0")
                 results = [failure] * len(local)
             for recipient, result in zip(local, results, strict=True):
-                bounced += self._settle(envelope, recipient, result, now, expires, relay="local")
-        for recipient in due:
-            if not isinstance(recipient.destination, LocalDelivery):
-                recipient.state = RecipientState.DEFERRED
-                recipient.next_attempt = now + self.config.queue.max_backoff
-                if now < expires:
-                    recipient.next_attempt = min(recipient.next_attempt, expires)
-                result = _Attempt(False, RELAY_NOT_IMPLEMENTED, "4.3.0")
-                bounced += self._settle(envelope, recipient, result, now, expires, relay="none")
-        await self._record(envelope, path, bounced)
+                self._settle(envelope, recipient, result, now, expires, successes)
+        remote = [r for r in due if isinstance(r.destination, RemoteDelivery)]
+        if remote:
+            await asyncio.gather(*(
+                self._relay(envelope, path, domain, group, now, expires, successes)
+                for domain, group in self._transactions(remote)
+            ))
+        await self._notices(envelope, path, now, expires, successes)
+        await self._record(envelope, path)
+
+    def _transactions(self, recipients: list[Recipient]) -> list[tuple[str, list[Recipient]]]:
+        """Recipients grouped by domain, at most the per-transaction limit in a group."""
+        by_domain: dict[str, list[Recipient]] = {}
+        for recipient in recipients:
+            domain = recipient.address.rpartition("@")[2].lower()
+            by_domain.setdefault(domain, []).append(recipient)
+        limit = self.config.outbound.max_recipients_per_transaction
+        return [(domain, group[i:i + limit]) for domain, group in by_domain.items()
+                for i in range(0, len(group), limit)]
+
+    async def _relay(self, envelope: Envelope, path: Path, domain: str,
+                     recipients: list[Recipient], now: float, expires: float,
+                     successes: list[tuple[Recipient, Action]]) -> None:
+        """One SMTP transaction for *recipients* of *domain*, then their outcomes."""
+        deliverer = self.deliverer
+        dead = self._dead.get(domain)
+        why = None
+        if deliverer is None:
+            why = NO_RELAY
+        elif dead is not None and dead[0] > time.monotonic():
+            why = f"delivery temporarily suspended: {dead[1]}"
+        if why is not None or deliverer is None:
+            why = why or NO_RELAY
+            for recipient in recipients:
+                self._settle(envelope, recipient, _Attempt(False, why, "4.4.1", relay="none"),
+                             now, expires, successes)
+            return
+        semaphore = self._destinations.setdefault(
+            domain, asyncio.Semaphore(self.config.outbound.max_per_destination))
+        offset, utf8_headers = await asyncio.to_thread(_message_facts, path, envelope.smtputf8)
+        outbound = OutboundEnvelope(
+            sender=envelope.sender,
+            recipients=tuple(OutboundRecipient(r.address, r.notify, r.orcpt) for r in recipients),
+            body=envelope.body_type,
+            smtputf8=envelope.smtputf8,
+            utf8_headers=utf8_headers,
+            ret=envelope.ret,
+            envid=envelope.envid,
+        )
+        async with semaphore:
+            attempt = await deliverer.deliver(domain, outbound, FileSource(path, offset))
+        results = attempt.recipients
+        unreachable = all(r.local and r.stage is Stage.CONNECT and r.verdict is Verdict.TEMPORARY
+                          for r in results)
+        if unreachable and results and self.config.outbound.dead_destination_time > 0:
+            self._dead[domain] = (time.monotonic() + self.config.outbound.dead_destination_time,
+                                  results[0].detail)
+        elif domain in self._dead and not unreachable:
+            del self._dead[domain]
+        for recipient, result in zip(recipients, results, strict=True):
+            self._settle(envelope, recipient, _remote_attempt(result), now, expires, successes)
+
+    async def _notices(self, envelope: Envelope, path: Path, now: float, expires: float,
+                       successes: list[tuple[Recipient, Action]]) -> None:
+        """The notices this run made due; each marks its recipients notified once spooled."""
+        notifier = self.notifier
+        failed = [(r, Action.FAILED) for r in envelope.recipients if owes_failure_notice(r)]
+        if notifier is None:
+            for recipient, _ in failed:  # nobody to tell in this process (tests, tools)
+                recipient.notified.append("failure")
+            return
+        if failed:
+            await notifier.notify(envelope, path, DsnKind.FAILURE, failed)
+        wanted = [(r, a) for r, a in successes if wants(r.notify, DsnKind.SUCCESS)]
+        if wanted:
+            await notifier.notify(envelope, path, DsnKind.SUCCESS, wanted)
+        warning = self.config.queue.delay_warning
+        if warning > 0 and now - envelope.arrival >= warning:
+            delayed = [(r, Action.DELAYED) for r in envelope.recipients
+                       if r.state is RecipientState.DEFERRED and "delay" not in r.notified]
+            if delayed:
+                await notifier.notify(envelope, path, DsnKind.DELAY, delayed, retry_until=expires)
 
     def _next_attempt(self, attempts: int, now: float, expires: float) -> float:
         delay = backoff_delay(
@@ -280,76 +412,65 @@ class QueueRunner:
         usage.add(dest.maildir, size_from_name(copy.name) or 0)
         return _Attempt(True, "delivered to maildir", "2.0.0")
 
-    def _settle(
-        self,
-        envelope: Envelope,
-        recipient: Recipient,
-        result: _Attempt,
-        now: float,
-        expires: float,
-        *,
-        relay: str,
-    ) -> int:
-        """Set the recipient's state from *result* and log it; 1 if a notification is now owed."""
+    def _settle(self, envelope: Envelope, recipient: Recipient, result: _Attempt, now: float,
+                expires: float, successes: list[tuple[Recipient, Action]]) -> None:
+        """Set the recipient's state from *result*, record and log it."""
+        recipient.status = result.dsn
+        recipient.remote_mta = result.remote_mta
+        recipient.diagnostic = result.diagnostic
+        recipient.stage = result.stage
         if result.ok:
             recipient.state = RecipientState.DELIVERED
             recipient.last_error = None
-            log_outcome(
-                envelope,
-                recipient,
-                self._clock(),
-                relay=relay,
-                dsn=result.dsn,
-                status="sent",
-                detail=result.detail,
-            )
-            return 0
-        if now < expires:
+            recipient.record(now, "delivered", result.detail)
+            self._log(envelope, recipient, result, "sent", result.detail, result.dsn)
+            if result.success_action is not None:
+                successes.append((recipient, result.success_action))
+            return
+        if not result.permanent and now < expires:
             recipient.last_error = result.detail
-            log_outcome(
-                envelope,
-                recipient,
-                self._clock(),
-                relay=relay,
-                dsn=result.dsn,
-                status="deferred",
-                detail=result.detail,
-            )
-            return 0
-        days = self.config.queue.max_lifetime / 86400
-        reason = f"message expired after {days:g} days in queue: {result.detail}"
+            recipient.record(now, "deferred", result.detail)
+            self._log(envelope, recipient, result, "deferred", result.detail, result.dsn)
+            return
+        detail = result.detail
+        dsn = result.dsn
+        if not result.permanent:  # it never worked: give up (RFC 3463 X.4.7 delivery time expired)
+            days = self.config.queue.max_lifetime / 86400
+            detail = f"message expired after {days:g} days in queue: {result.detail}"
+            dsn = "5.4.7" if result.dsn in ("4.0.0", "4.3.0", "4.4.1") else "5" + result.dsn[1:]
+            recipient.status = dsn
         recipient.state = RecipientState.BOUNCED
-        recipient.last_error = reason
-        owed = wants_failure_dsn(envelope, recipient)
-        if owed:
-            recipient.last_error = DSN_PENDING + reason
-        log_outcome(
-            envelope,
-            recipient,
-            self._clock(),
-            relay=relay,
-            dsn="5.4.7",
-            status="bounced",
-            detail=reason,
-        )
-        return int(owed)
+        recipient.last_error = detail
+        recipient.record(now, "bounced", detail)
+        self._log(envelope, recipient, result, "bounced", detail, dsn)
 
-    async def _record(self, envelope: Envelope, path: Path, bounced: int) -> None:
+    def _log(self, envelope: Envelope, recipient: Recipient, result: _Attempt, status: str,
+             detail: str, dsn: str) -> None:
+        log_outcome(envelope, recipient, self._clock(), relay=result.relay, dsn=dsn,
+                    status=status, detail=detail)
+
+    async def _record(self, envelope: Envelope, path: Path) -> None:
         """Make the recipients' new states durable, or remove a finished message."""
         if finished(envelope):
             await self._committer.submit(lambda ds: self._spool.remove(envelope.queue_id, ds))
             log_removed(envelope.queue_id)
             return
         await self._committer.submit(lambda ds: self._spool.update_envelope(path, envelope, ds))
-        if bounced:
-            # The queue file stays: the bounce issue will find these and send the notification.
-            log.event(
-                envelope.queue_id,
-                sender_notification="pending",
-                nrcpt=bounced,
-                status_detail="bounce messages are not implemented yet",
-            )
 
 
 def _waiting(recipient: Recipient) -> bool:
     return recipient.state in (RecipientState.PENDING, RecipientState.DEFERRED)
+
+
+def _message_facts(path: Path, smtputf8: bool) -> tuple[int, bool]:
+    """Where the message starts in a queue file (after the envelope line), and whether its
+    header section holds UTF-8 (then it needs SMTPUTF8 on the way, RFC 6532)."""
+    with open(path, "rb") as fh:
+        line = fh.readline(MAX_ENVELOPE_LINE)
+        if not line.endswith(b"\n"):
+            raise StorageError(f"{path}: no envelope line")
+        if not smtputf8:
+            return len(line), False
+        head = fh.read(256 * 1024)
+        end = head.find(b"\r\n\r\n")
+        return len(line), not head[: end if end >= 0 else len(head)].isascii()

@@ -1,0 +1,290 @@
+"""Relay end to end (issue 4): a running postroom delivers mail for other domains by DNS MX to
+real receivers on 127.0.0.2-4 (a second postroom, a greylisting server, nothing at all), retries
+temporary failures, and returns bounces (RFC 3464) into the sender's local Maildir.
+
+DNS comes from a dnslib server on 127.0.0.1 (tests/dns_support.py); every MX host listens on
+the same port, which the sender's ``outbound.smtp_port`` names."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage, Message
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ServerHandle, free_port, make_server
+from tests.dns_support import DnsTestServer, serve_dns
+
+ZONE = {
+    "remote.test": ["MX 10 mx1.remote.test."],
+    "mx1.remote.test": ["A 127.0.0.2"],
+    "fallback.test": ["MX 10 dead.fallback.test.", "MX 20 mx1.remote.test."],
+    "dead.fallback.test": ["A 127.0.0.4"],
+    "grey.test": ["MX 10 mx.grey.test."],
+    "mx.grey.test": ["A 127.0.0.3"],
+    "nullmx.test": ["MX 0 ."],
+    "down.test": ["MX 10 dead.fallback.test."],
+}
+
+
+@dataclass
+class Net:
+    dns: DnsTestServer
+    port: int  # where every MX host listens
+    sender: ServerHandle  # mx.test.example, users alice and bob of example.com
+    receiver: ServerHandle  # mx1.remote.test on 127.0.0.2, user carol@remote.test
+
+
+def sender_config(dns_port: int, mx_port: int, lifetime: float = 600.0) -> str:
+    return f"""
+[relay]
+trusted_networks = ["127.0.0.0/8"]
+
+[outbound]
+nameservers = ["127.0.0.1"]
+dns_port = {dns_port}
+dns_timeout = 2.0
+allow_networks = ["127.0.0.0/8"]
+smtp_port = {mx_port}
+connect_timeout = 3.0
+dead_destination_time = 0
+
+[queue]
+min_backoff = 1.0
+max_backoff = 2.0
+max_lifetime = {lifetime}
+scan_interval = 0.5
+"""
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Iterator[Net]:
+    port = free_port()
+    with serve_dns(ZONE) as dns:
+        receiver = make_server(tmp_path / "b", host="127.0.0.2", port=port,
+                               hostname="mx1.remote.test")
+        receiver.cli("domain", "add", "remote.test")
+        receiver.cli("user", "add", "carol@remote.test", "--password-stdin", stdin="c\n")
+        sender = make_server(tmp_path / "a", sender_config(dns.port, port))
+        receiver.start()
+        sender.start()
+        try:
+            yield Net(dns, port, sender, receiver)
+        finally:
+            for handle in (sender, receiver):
+                if handle.proc is not None:
+                    handle.stop()
+
+
+def send(server: ServerHandle, sender: str, *rcpts: str, subject: str = "relayed") -> None:
+    body = (f"From: {sender or 'MAILER-DAEMON@mx.test.example'}\r\nTo: {rcpts[0]}\r\n"
+            f"Subject: {subject}\r\nMessage-ID: <{subject.replace(' ', '-')}@test>\r\n\r\n"
+            "Hello over there.\r\n.a line with a leading dot\r\n")
+    with smtplib.SMTP("127.0.0.1", server.port, local_hostname="c.test", timeout=15) as client:
+        client.sendmail(sender, list(rcpts), body.encode())
+
+
+def parse(raw: bytes) -> EmailMessage:
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def report(bounce: EmailMessage) -> tuple[Message, list[Message]]:
+    """The per-message and per-recipient field groups of a DSN's delivery-status part."""
+    assert bounce.get_content_type() == "multipart/report"
+    assert bounce.get_param("report-type") == "delivery-status"
+    status = bounce.get_payload()[1]
+    assert status.get_content_type() == "message/delivery-status"
+    groups = status.get_payload()
+    return groups[0], groups[1:]
+
+
+def wait_bounce(server: ServerHandle, mailbox: str, count: int = 1) -> list[EmailMessage]:
+    server.wait_for(lambda: len(server.messages(mailbox)) >= count, timeout=20)
+    return [parse(raw) for raw in server.messages(mailbox)]
+
+
+def test_delivered_by_mx_to_another_postroom(net: Net) -> None:
+    send(net.sender, "alice@example.com", "carol@remote.test")
+    net.receiver.wait_for(lambda: net.receiver.messages("carol@remote.test"), timeout=20)
+    [raw] = net.receiver.messages("carol@remote.test")
+    message = parse(raw)
+    assert message["Subject"] == "relayed"
+    assert b"\n.a line with a leading dot\n" in raw  # dot-stuffed on the way, unstuffed there
+    received = message.get_all("Received")
+    assert "by mx1.remote.test" in received[0] and "with ESMTPS" in received[0]
+    log = net.sender.log()
+    assert "to=<carol@remote.test>, relay=mx1.remote.test[127.0.0.2]:" in log
+    assert "dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as" in log
+    net.sender.wait_for(lambda: not list((net.sender.data_dir / "queue/active").iterdir()))
+    assert ("remote.test", "MX") in net.dns.queries
+
+
+def test_5xx_bounces_into_the_senders_maildir(net: Net) -> None:
+    send(net.sender, "alice@example.com", "nobody@remote.test", subject="to nobody")
+    [bounce] = wait_bounce(net.sender, "alice@example.com")
+    assert bounce["From"].addresses[0].username == "MAILER-DAEMON"
+    assert bounce["Auto-Submitted"] == "auto-replied"
+    assert bounce["Subject"] == "Undelivered Mail Returned to Sender"
+    per_message, [rcpt] = report(bounce)
+    assert per_message["Reporting-MTA"] == "dns; mx.test.example"
+    assert rcpt["Final-Recipient"] == "rfc822; nobody@remote.test"
+    assert rcpt["Action"] == "failed"
+    assert rcpt["Status"] == "5.1.1"
+    assert rcpt["Remote-MTA"] == "dns; mx1.remote.test"
+    assert rcpt["Diagnostic-Code"].startswith("smtp; 550 5.1.1")
+    returned = bounce.get_payload()[2]
+    assert "to nobody" in returned.as_string()
+    human = bounce.get_payload()[0].get_content()
+    assert "nobody@remote.test" in human
+    log = net.sender.log()
+    assert "status=bounced (host mx1.remote.test[127.0.0.2] said: 550 5.1.1" in log
+    assert "sender non-delivery notification:" in log
+
+
+@pytest.mark.parametrize(("rcpt", "status"), [("x@nullmx.test", "5.1.10"),
+                                              ("x@nxdomain.test", "5.1.2")])
+def test_dns_verdicts_bounce_at_once(net: Net, rcpt: str, status: str) -> None:
+    send(net.sender, "bob@example.com", rcpt)
+    [bounce] = wait_bounce(net.sender, "bob@example.com")
+    _, [group] = report(bounce)
+    assert group["Status"] == status and group["Action"] == "failed"
+    assert "Remote-MTA" not in group
+
+
+def test_next_mx_when_the_first_refuses(net: Net) -> None:
+    send(net.sender, "alice@example.com", "carol@fallback.test")
+    # fallback.test's second MX is mx1.remote.test, which takes carol@... only for remote.test:
+    # the point is that it was reached after 127.0.0.4 refused the connection
+    net.sender.wait_for(lambda: "relay=mx1.remote.test[127.0.0.2]" in net.sender.log(), timeout=20)
+    assert ("dead.fallback.test", "A") in net.dns.queries  # the preferred MX, tried first
+
+
+class Greylister(socketserver.ThreadingTCPServer):
+    """An SMTP server that answers 450 to the first RCPT of each recipient, then takes it."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.seen: set[str] = set()
+        self.messages: list[bytes] = []
+        super().__init__(address, _GreyHandler)
+
+
+class _GreyHandler(socketserver.StreamRequestHandler):
+    server: Greylister
+
+    def handle(self) -> None:
+        self.wfile.write(b"220 mx.grey.test ESMTP\r\n")
+        while line := self.rfile.readline(1024):
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                self.wfile.write(b"250 mx.grey.test\r\n")
+            elif verb == b"MAIL" or verb == b"RSET" or verb == b"NOOP":
+                self.wfile.write(b"250 2.0.0 Ok\r\n")
+            elif verb == b"RCPT":
+                address = line.decode().partition(":")[2].strip().lower()
+                if address in self.server.seen:
+                    self.wfile.write(b"250 2.1.5 Ok\r\n")
+                else:
+                    self.server.seen.add(address)
+                    self.wfile.write(b"450 4.7.1 Greylisted, try again later\r\n")
+            elif verb == b"DATA":
+                self.wfile.write(b"354 go ahead\r\n")
+                data = b""
+                while not data.endswith(b"\r\n.\r\n"):
+                    chunk = self.rfile.readline(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                self.server.messages.append(data)
+                self.wfile.write(b"250 2.0.0 Ok: queued\r\n")
+            elif verb == b"QUIT":
+                self.wfile.write(b"221 2.0.0 Bye\r\n")
+                return
+            else:
+                self.wfile.write(b"502 5.5.1 Not implemented\r\n")
+
+
+def test_greylisting_450_is_retried(net: Net) -> None:
+    grey = Greylister(("127.0.0.3", net.port))
+    thread = threading.Thread(target=grey.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        send(net.sender, "alice@example.com", "dave@grey.test", subject="grey")
+        net.sender.wait_for(lambda: grey.messages, timeout=20)
+        assert b"Subject: grey" in grey.messages[0]
+        log = net.sender.log()
+        assert ("to=<dave@grey.test>, relay=mx.grey.test[127.0.0.3]:" in log
+                and "status=deferred (host mx.grey.test[127.0.0.3] said: 450 4.7.1 Greylisted"
+                in log)
+        net.sender.wait_for(lambda: "dsn=2.0.0, status=sent" in net.sender.log())
+        assert net.sender.messages("alice@example.com") == []  # no bounce
+    finally:
+        grey.shutdown()
+        grey.server_close()
+
+
+def test_unreachable_destination_expires_into_a_bounce(tmp_path: Path) -> None:
+    port = free_port()
+    with serve_dns(ZONE) as dns:
+        sender = make_server(tmp_path, sender_config(dns.port, port, lifetime=4.0))
+        sender.start()
+        try:
+            send(sender, "alice@example.com", "eve@down.test", subject="never")
+            [bounce] = wait_bounce(sender, "alice@example.com")
+            _, [group] = report(bounce)
+            assert group["Action"] == "failed" and group["Status"] == "5.4.7"
+            log = sender.log()
+            assert "to=<eve@down.test>, relay=none" in log and "status=deferred" in log
+            assert "status=bounced (message expired after" in log
+        finally:
+            sender.stop()
+
+
+def test_a_bounce_is_never_bounced(net: Net) -> None:
+    """A message from <> that fails goes to the postmaster once, and nothing answers that."""
+    send(net.sender, "", "nobody@remote.test", subject="null sender")
+    postmaster = net.sender.data_dir / "postmaster"
+    net.sender.wait_for(lambda: "postmaster non-delivery notification" in net.sender.log(),
+                        timeout=20)
+    net.sender.wait_for(lambda: any(postmaster.rglob("new/*")), timeout=10)
+    [raw] = [p.read_bytes() for p in postmaster.rglob("new/*")]
+    notice = parse(raw)
+    assert notice["Subject"].startswith("Postmaster Copy")
+    assert notice.get_all("Return-Path") == ["<>"]
+    net.sender.wait_for(lambda: not list((net.sender.data_dir / "queue/active").iterdir()))
+    assert net.sender.log().count("non-delivery notification") == 1
+
+
+def test_smtp_sink_takes_many_recipients_in_one_transaction(net: Net) -> None:
+    """Postfix's smtp-sink as the remote MTA: one connection, one transaction for the domain."""
+    proc = subprocess.Popen(["smtp-sink", "-u", "nobody", "-c", f"127.0.0.3:{net.port}", "10"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.3", net.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        send(net.sender, "alice@example.com", "a@grey.test", "b@grey.test", "c@grey.test")
+        net.sender.wait_for(lambda: net.sender.log().count("dsn=2.0.0, status=sent (250") == 3,
+                            timeout=20)
+        assert not list((net.sender.data_dir / "queue/active").iterdir())
+    finally:
+        proc.terminate()
+        proc.wait(5)
