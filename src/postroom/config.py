@@ -23,12 +23,15 @@ from postroom.errors import ConfigError
 DEFAULT_DATA_DIR_ROOT = Path("/var/lib/postroom")
 DEFAULT_DATA_DIR_USER = Path("postroom-data")
 
-Role = Literal["mx", "submission", "submissions"]
+Role = Literal["mx", "submission", "submissions", "pop3", "pop3s"]
 
 #: The listeners made when none is configured: the standard ports when we may bind them, else
-#: the same numbers above 2000 (RFC 5321 25, RFC 6409 587, RFC 8314 465).
-DEFAULT_PORTS_ROOT: dict[Role, int] = {"mx": 25, "submission": 587, "submissions": 465}
-DEFAULT_PORTS_USER: dict[Role, int] = {"mx": 2525, "submission": 2587, "submissions": 2465}
+#: the same numbers above 2000 (RFC 5321 25, RFC 6409 587, RFC 8314 465, RFC 1939 110, 995).
+DEFAULT_PORTS_ROOT: dict[Role, int] = {"mx": 25, "submission": 587, "submissions": 465,
+                                       "pop3": 110, "pop3s": 995}
+DEFAULT_PORTS_USER: dict[Role, int] = {"mx": 2525, "submission": 2587, "submissions": 2465,
+                                       "pop3": 2110, "pop3s": 2995}
+SMTP_ROLES = frozenset({"mx", "submission", "submissions"})
 
 
 def running_as_root() -> bool:
@@ -74,6 +77,8 @@ class ListenerSection(_Section):
     - ``mx`` (25): mail from other servers; STARTTLS offered; AUTH off unless ``auth = true``.
     - ``submission`` (587, RFC 6409): mail clients; STARTTLS, then AUTH; MAIL needs AUTH.
     - ``submissions`` (465, RFC 8314): the same, in TLS from the first byte.
+    - ``pop3`` (110, RFC 1939): mailbox access; STLS, login only inside TLS by default.
+    - ``pop3s`` (995, RFC 8314): the same, in TLS from the first byte.
     """
 
     role: Role = "mx"
@@ -83,8 +88,12 @@ class ListenerSection(_Section):
     auth: bool | None = None
 
     @property
+    def smtp(self) -> bool:
+        return self.role in SMTP_ROLES
+
+    @property
     def implicit_tls(self) -> bool:
-        return self.role == "submissions"
+        return self.role in ("submissions", "pop3s")
 
     @property
     def offers_auth(self) -> bool:
@@ -289,6 +298,19 @@ class AuthSection(_Section):
     enforce_sender: bool = True
 
 
+class Pop3Section(_Section):
+    """POP3 (RFC 1939) on the ``pop3`` and ``pop3s`` listeners."""
+
+    #: USER/PASS and AUTH PLAIN/LOGIN before STLS (RFC 2595 2.3 says no; for a closed network).
+    allow_plaintext: bool = False
+    #: APOP (RFC 1939 7): needs the account's CRAM-MD5 secret; off by default.
+    apop: bool = False
+    #: RFC 1939 3: the autologout timer is at least 10 minutes.
+    idle_timeout: Annotated[float, Field(ge=600)] = 600.0
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    max_connections_per_ip: Annotated[int, Field(ge=1)] = 20
+
+
 class PasswordSection(_Section):
     """argon2id cost. The defaults are RFC 9106's second recommended option."""
 
@@ -307,6 +329,7 @@ class Config(_Section):
     queue: QueueSection = Field(default_factory=QueueSection)
     tls: TlsSection = Field(default_factory=TlsSection)
     auth: AuthSection = Field(default_factory=AuthSection)
+    pop3: Pop3Section = Field(default_factory=Pop3Section)
     passwords: PasswordSection = Field(default_factory=PasswordSection)
     #: The file this came from, for messages; None for embedded defaults.
     source: Path | None = None

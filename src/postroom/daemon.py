@@ -39,8 +39,9 @@ from postroom.delivery.route import Credentials, NextHop, RouteSettings, TlsPoli
 from postroom.delivery.route import Router as OutboundRouter
 from postroom.dns import Resolver
 from postroom.errors import ConfigError
-from postroom.net.auth import AuthService, throttle_settings
+from postroom.net.auth import AuthService, LoginThrottleAdapter, throttle_settings
 from postroom.net.limits import ConnectionCounts, SharedCounts
+from postroom.net.pop3 import MaildirBackend, Pop3Server, Pop3ServerSettings
 from postroom.net.server import SmtpServer, bind_listener
 from postroom.net.tls import server_context
 from postroom.policy.authlimit import AuthThrottle, LocalThrottle, SharedThrottle
@@ -77,7 +78,7 @@ class LoginParts:
 
     @classmethod
     def make(cls, config: Config) -> LoginParts | None:
-        if not any(listener.offers_auth for listener in config.listeners()):
+        if not any(listener.offers_auth or not listener.smtp for listener in config.listeners()):
             return None
         settings = throttle_settings(config.auth)
         throttle: AuthThrottle = (SharedThrottle(settings) if config.server.workers > 1
@@ -111,6 +112,31 @@ def outbound_deliverer(config: Config) -> RemoteDeliverer:
     settings = RemoteSettings(helo_name=config.hostname, tls_policy=TlsPolicy(out.tls_policy),
                               connect_timeout=out.connect_timeout)
     return RemoteDeliverer(settings, router)
+
+
+def pop3_settings(config: Config) -> Pop3ServerSettings:
+    pop3 = config.pop3
+    return Pop3ServerSettings(
+        hostname=config.hostname,
+        mechanisms=tuple(m for m in config.auth.mechanisms if m != "CRAM-MD5"),
+        allow_plaintext=pop3.allow_plaintext,
+        apop=pop3.apop,
+        idle_timeout=pop3.idle_timeout,
+        max_connections=pop3.max_connections,
+        max_connections_per_ip=pop3.max_connections_per_ip,
+        password_checks=config.auth.max_parallel_checks,
+        shutdown_grace=config.smtp.shutdown_grace,
+    )
+
+
+def pop3_server(config: Config, accounts: AccountStore, auth: AuthService,
+                context: ssl.SSLContext | None) -> Pop3Server:
+    def maildir_for(user: str) -> Path | None:
+        account = accounts.get_user(user)
+        return None if account is None else account.maildir
+
+    backend = MaildirBackend(auth.settings, maildir_for, LoginThrottleAdapter(auth.throttle))
+    return Pop3Server(pop3_settings(config), backend, context)
 
 
 def auth_service(config: Config, accounts: AccountStore, parts: LoginParts) -> AuthService:
@@ -224,7 +250,11 @@ class Daemon:
         receiver = Receiver(receive_settings(config), router, spool)
         auth = None if self.logins is None else auth_service(config, accounts, self.logins)
         server = SmtpServer(config, receiver, self.counts, self.tls_context, auth)
-        self._reload_targets = (server, receiver, router, runner)
+        pop3_sockets = [(sock, lst) for sock, lst in self.sockets if not lst.smtp]
+        pop3 = None
+        if pop3_sockets and auth is not None:
+            pop3 = pop3_server(config, accounts, auth, self.tls_context)
+        self._reload_targets = (server, receiver, router, runner, pop3)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
@@ -232,11 +262,18 @@ class Daemon:
         try:
             if self.worker == 0:
                 runner.start()  # one runner per queue: two would deliver twice
-            await server.start(self.sockets)
+            await server.start([(sock, lst) for sock, lst in self.sockets if lst.smtp])
+            if pop3 is not None:
+                await pop3.start(
+                    plain=[sock for sock, lst in pop3_sockets if not lst.implicit_tls],
+                    implicit_tls=[sock for sock, lst in pop3_sockets if lst.implicit_tls])
             log.logger.info("postroom ready: %s, data in %s", config.hostname, data_dir)
             await self.stopping.wait()
             log.logger.info("shutting down")
-            await server.shutdown()
+            if pop3 is not None:
+                await asyncio.gather(server.shutdown(), pop3.shutdown())
+            else:
+                await server.shutdown()
         finally:
             await runner.stop()
             await deliverer.close()
@@ -256,9 +293,12 @@ class Daemon:
             return
         if new.listeners() != old.listeners() or new.server.data_dir != old.server.data_dir:
             log.logger.warning("reload: listener or data_dir changes need a restart")
-        server, receiver, router, runner = self._reload_targets
+        server, receiver, router, runner, pop3 = self._reload_targets
         try:
             server.tls_context = tls_context(new)  # new certificates, for new sessions
+            if pop3 is not None:
+                pop3.set_tls_context(server.tls_context)
+                pop3.reconfigure(pop3_settings(new))
         except ConfigError as exc:
             log.logger.error("reload: keeping the TLS certificate in use: %s", exc)
         server.reconfigure(new)

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 
 from postroom.errors import AccountError, StorageError
 from postroom.sasl.credentials import SCRAM_SHA_256, scram_keys_from_text
+from postroom.store.folders import create_default_folders
 
 if TYPE_CHECKING:
     from postroom.config import Config
@@ -599,6 +600,8 @@ class AccountStore:
             maildir = self.mail_root / relative
             for sub in ("cur", "new", "tmp"):
                 self._mkdirs(maildir / sub)
+            # Drafts, Sent, Trash, Junk (RFC 6154 roles), so every client finds the same ones
+            create_default_folders(maildir, self._owner)
         return User(
             canonical, password_hash, quota, maildir, _stamp(now), scram_sha256, cram_md5
         )

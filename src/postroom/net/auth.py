@@ -154,3 +154,24 @@ class AuthService:
         self.throttle.success(address, success.authcid, time.monotonic())
         log.logger.info("%s: SASL %s authentication succeeded, sasl_username=%s", client,
                         mechanism, _printable(success.authcid))
+
+
+class LoginThrottleAdapter:
+    """The shared throttle as POP3 sessions ask it (``net.pop3.LoginThrottle``): the same
+    counts as SMTP AUTH, so one address has one failure count for every protocol."""
+
+    def __init__(self, throttle: AuthThrottle) -> None:
+        self.throttle = throttle
+
+    def blocked(self, client: str, user: str | None) -> bool:
+        return self.throttle.check(client, time.monotonic()).blocked
+
+    def failure(self, client: str, user: str | None) -> float:
+        verdict = self.throttle.failure(client, user or "", time.monotonic())
+        if verdict.just_blocked:
+            log.logger.warning("unknown[%s]: too many failed authentications; refused for %d s",
+                               client, round(verdict.blocked_for))
+        return verdict.delay
+
+    def success(self, client: str, user: str) -> None:
+        self.throttle.success(client, user, time.monotonic())

@@ -100,6 +100,11 @@ FORGET_BELOW = 0.01
 #: Slack for floating point when a score is compared with a threshold. Scores are sums of
 #: powers of two computed stepwise; without slack, 10 failures could add up to 9.999999999999998.
 _SLACK = 1e-9
+#: How far below the threshold a decayed score may be and still block: N failures in a burst
+#: have decayed a little by the Nth, and "10 failures block at the tenth" should hold for
+#: failures seconds apart, not only microseconds apart (with a 600 s half-life, ten failures
+#: within half a minute add up to more than 9.75).
+_BLOCK_SLACK = 0.25
 
 #: No delay may exceed this. RFC 5321 4.5.3.2 has clients wait minutes for a reply (5 for MAIL and
 #: RCPT, 2 for DATA); AUTH has no timer of its own, and a longer delay would read as a dead server.
@@ -363,7 +368,7 @@ class LocalThrottle:
             cell = self._touch(self._ips, ikey, now, s.ip_half_life)
             was_blocked = cell.blocked_until > now
             cell.score += 1.0
-            if cell.score >= s.ip_max_failures - _SLACK:
+            if cell.score >= s.ip_max_failures - _BLOCK_SLACK:
                 cell.blocked_until = max(cell.blocked_until, now + s.block_seconds)
             ip_score, blocked_until = cell.score, cell.blocked_until
             account_score = 0.0
@@ -474,7 +479,7 @@ class SharedThrottle:
             ip_score = min(score for score, _ in added)
             blocked_until = min(until for _, until in added)
             was_blocked = blocked_until > now
-            if ip_score >= s.ip_max_failures - _SLACK:
+            if ip_score >= s.ip_max_failures - _BLOCK_SLACK:
                 for offset in ip_offsets:
                     self._block(offset, now + s.block_seconds)
                 blocked_until = max(blocked_until, now + s.block_seconds)

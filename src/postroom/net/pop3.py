@@ -1,0 +1,763 @@
+"""POP3 over asyncio: listeners on 110 (STLS, RFC 2595) and 995 (implicit TLS, RFC 8314),
+sessions that feed the sans-I/O core (:mod:`postroom.pop3`) and answer its requests.
+
+Nothing here parses POP3. A session answers the core's requests, each in a task when it waits:
+
+- ``CheckPassword``: argon2 in a worker thread, at most ``password_checks`` at once; skipped
+  (answered False) while the throttle blocks the client or the user;
+- ``LoginFailed``: tells the throttle, waits as long as it says (a tarpit), then answers;
+- ``OpenMaildrop``: in a thread, the backend opens the user's INBOX, takes its POP3 lock
+  (``[IN-USE]`` when held), syncs it (new mail moves to ``cur/``) and lists it; the list stays
+  fixed for the session;
+- ``Retrieve``: the message file in chunks of :data:`READ_CHUNK`, each fed to the core only when
+  the socket is not backed up (``pause_writing``), so a session holds at most about a chunk;
+- ``Commit`` (QUIT in TRANSACTION): expunge the deleted messages, mark the retrieved ones seen,
+  release the lock.
+
+A session that ends without QUIT deletes nothing (RFC 1939 6) but still marks what it retrieved
+as seen, as Dovecot does. Timeouts are swept once a second: ``auth_timeout`` before login, the
+RFC 1939 3 autologout (at least 10 minutes) after.
+
+The pieces the daemon provides are small typed protocols: :class:`Pop3Backend` (SASL settings,
+the throttle, opening a user's mailbox) and :class:`LoginThrottle` (shared with SMTP AUTH).
+:class:`MaildirBackend` is a backend over Maildirs given a function from user to Maildir path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import secrets
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Final, Protocol
+
+from postroom import log
+from postroom.errors import StorageError
+from postroom.net.limits import ConnectionCounts, LocalCounts
+from postroom.net.tls import describe
+from postroom.pop3 import (
+    CheckPassword,
+    Commit,
+    LoginFailed,
+    MaildropMessage,
+    OpenMaildrop,
+    Pop3Connection,
+    Pop3Settings,
+    ProtocolViolation,
+    Request,
+    Retrieve,
+    SizeMismatch,
+    StartTls,
+    uidl_for,
+)
+from postroom.pop3 import responses as r
+from postroom.sasl import DEFAULT_MECHANISMS, SaslSettings
+from postroom.store.base import Mailbox, MailboxInUse, MessageGone, MessageInfo, SessionLock
+from postroom.store.maildir import open_inbox
+from postroom.store.names import SEEN
+
+#: Octets read from a message file at a time while sending it.
+READ_CHUNK: Final = 64 * 1024
+_SWEEP_INTERVAL: Final = 1.0
+
+
+class LoginThrottle(Protocol):
+    """Brute-force throttling, shared with SMTP AUTH (``policy/authlimit.py`` adapts to this).
+
+    *client* is the client's IP address; *user* the identity tried (None when the client sent
+    none). Calls are quick and made on the event loop.
+    """
+
+    def blocked(self, client: str, user: str | None) -> bool:
+        """True while logins from *client*, or as *user*, are refused outright."""
+        ...
+
+    def failure(self, client: str, user: str | None) -> float:
+        """Count a failed login; the seconds to wait before answering it."""
+        ...
+
+    def success(self, client: str, user: str) -> None:
+        """A login succeeded."""
+        ...
+
+
+class NoThrottle:
+    """Throttling off: every login is tried, failures answered at once."""
+
+    def blocked(self, client: str, user: str | None) -> bool:
+        return False
+
+    def failure(self, client: str, user: str | None) -> float:
+        return 0.0
+
+    def success(self, client: str, user: str) -> None:
+        return None
+
+
+class Pop3Backend(Protocol):
+    """What POP3 sessions need from the rest of the server."""
+
+    @property
+    def sasl_settings(self) -> SaslSettings:
+        """The credential store and SASL settings (USER/PASS and APOP use them too)."""
+        ...
+
+    @property
+    def throttle(self) -> LoginThrottle: ...
+
+    def open_mailbox(self, user: str) -> Mailbox:
+        """The INBOX of *user* (the authentication identity as the client sent it). Blocking:
+        called in a worker thread. Raises LookupError when the user has no mailbox here,
+        StorageError when it cannot be opened now."""
+        ...
+
+
+@dataclass
+class MaildirBackend:
+    """A :class:`Pop3Backend` over Maildirs: *maildir_for* maps a user to the Maildir path (for
+    the accounts store, ``lambda u: store.get_user(u).maildir``), None when there is none."""
+
+    sasl_settings: SaslSettings
+    maildir_for: Callable[[str], Path | None]
+    throttle: LoginThrottle = field(default_factory=NoThrottle)
+    owner: tuple[int, int] | None = None
+
+    def open_mailbox(self, user: str) -> Mailbox:
+        path = self.maildir_for(user)
+        if path is None:
+            raise LookupError(user)
+        return open_inbox(path, owner=self.owner)
+
+
+@dataclass(frozen=True, slots=True)
+class Pop3ServerSettings:
+    """The POP3 service's configuration (the ``[pop3]`` section, when the daemon wires it)."""
+
+    hostname: str
+    mechanisms: tuple[str, ...] = DEFAULT_MECHANISMS
+    allow_plaintext: bool = False  # USER/PASS, PLAIN, LOGIN before TLS (RFC 2595 2.3)
+    apop: bool = False
+    expire: str | None = None  # RFC 2449 6.7, advertised only
+    login_delay: int | None = None  # RFC 2449 6.5, advertised only
+    idle_timeout: float = 600.0  # RFC 1939 3: the autologout timer is at least 10 minutes
+    auth_timeout: float = 60.0  # before login
+    handshake_timeout: float = 30.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 20
+    max_errors: int = 10
+    max_auth_failures: int = 3
+    password_checks: int = 4  # argon2 checks running at once in this process
+    shutdown_grace: float = 10.0
+    #: Messages up to this size are read on the event loop (a page-cache read of a small file
+    #: costs less than a thread hop, and RETR of many small messages is the common case);
+    #: larger ones, and everything when 0, in a worker thread.
+    inline_read: int = 64 * 1024
+
+
+def _no_delay(transport: asyncio.BaseTransport) -> None:
+    """Turn Nagle's algorithm off. asyncio does so only for sockets whose ``proto`` is
+    IPPROTO_TCP, and a socket accepted from a listener made with ``socket.socket()`` has proto
+    0: the last piece of a multi-line response then waits for the client's delayed ACK
+    (40 ms on Linux) whenever earlier pieces are still unacknowledged."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _uidls(infos: Sequence[MessageInfo]) -> list[str]:
+    """A UIDL for each message (:func:`uidl_for`), unique: a shortened key that two messages
+    share gives both the digest of their full key instead."""
+    uidls = [uidl_for(info.key) for info in infos]
+    if len(set(uidls)) != len(uidls):
+        counts = collections.Counter(uidls)
+        uidls = [u if counts[u] == 1 else uidl_for("\0" + info.key) for u, info in zip(
+            uidls, infos, strict=True)]
+    return uidls
+
+
+class Pop3Session(asyncio.Protocol):
+    """One POP3 connection."""
+
+    def __init__(self, server: Pop3Server, *, implicit_tls: bool) -> None:
+        self.server = server
+        self.implicit_tls = implicit_tls
+        stamp = server.apop_timestamp() if server.settings.apop else None
+        self.conn = Pop3Connection(server.core_settings, apop_timestamp=stamp, tls=implicit_tls)
+        self.transport: asyncio.Transport | None = None
+        self.address = ""
+        self.port = 0
+        self.tls: str | None = None
+        self.last_activity = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+        self._cancellable = True  # the task may be cancelled when the connection is lost
+        self._upgrade = False
+        #: Decrypted input that arrived before start_tls() returned (see _handshake).
+        self._early: bytearray | None = None
+        self._write_paused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._mailbox: Mailbox | None = None
+        self._lock: SessionLock | None = None
+        self._infos: list[MessageInfo] = []
+        self._committed = False
+        self._retrieved_octets = 0
+
+    def describe(self) -> str:
+        return f"[{self.address}]:{self.port}"
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        _no_delay(transport)
+        peer = transport.get_extra_info("peername") or ("", 0)
+        address = str(peer[0])
+        self.address = address[7:] if address.startswith("::ffff:") else address
+        self.port = int(peer[1])
+        if self.implicit_tls:
+            self.tls = describe(transport.get_extra_info("ssl_object"))
+        refusal = self.server.admit(self)
+        if refusal is not None:
+            log.logger.warning("pop3 reject: connect from %s: %s", self.describe(), refusal.text)
+            self.conn.reject_connection(refusal)
+        else:
+            log.logger.info("pop3 connect from %s%s", self.describe(),
+                            f" {self.tls}" if self.tls else "")
+            self.conn.start()
+        self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        if self._early is not None:
+            self._early += data
+            return
+        self.conn.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_eof()
+        self._pump()
+        return True  # keep writing the answers to what was sent before the half-close
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._writable.set()
+        self.last_activity = time.monotonic()
+        self._pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.release(self)
+        task = self._task
+        if task is not None and not task.done() and self._cancellable:
+            task.cancel()  # opening the maildrop and the UPDATE run to their end
+        self._writable.set()
+        if self._mailbox is not None and not self._committed:
+            self.server.background(self._finish_after_disconnect())
+        log.logger.info("pop3 disconnect from %s%s", self.describe(),
+                        f" user=<{self.conn.user}>" if self.conn.user else "")
+
+    # -- the pump -----------------------------------------------------------------------------
+    def _pump(self) -> None:
+        conn = self.conn
+        transport = self.transport
+        if transport is None:
+            return
+        while self._task is None and not self._write_paused and not transport.is_closing():
+            event = conn.next_event()
+            if event is not None:
+                if isinstance(event, Request):
+                    self._decide(event)
+                else:
+                    self._observe(event)
+                continue
+            out = conn.data_to_send()
+            if not out:
+                break
+            transport.write(out)
+        self._flush()
+        if self._upgrade and self._task is None:
+            self._upgrade = False
+            self._start_tls()
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        out = self.conn.data_to_send()
+        if out:
+            transport.write(out)
+        if self.conn.closed and self._task is None:
+            transport.close()
+
+    def _spawn(self, work: Callable[[], Awaitable[None]], *, cancellable: bool = True) -> None:
+        """Run a coroutine answering the pending request; parsing resumes after it."""
+        self._cancellable = cancellable
+
+        async def run() -> None:
+            try:
+                await work()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug costs this session, never the server
+                log.logger.exception("pop3 error for %s", self.describe())
+                self.conn.shutdown(r.err("Internal error.", r.SYS_TEMP))
+            finally:
+                self._task = None
+            self._pump()
+
+        self._task = asyncio.get_running_loop().create_task(run())
+
+    def _decide(self, request: Request) -> None:
+        conn = self.conn
+        if isinstance(request, StartTls):
+            if self.server.tls_context is None:
+                conn.refuse(r.err("TLS is not available.", r.SYS_TEMP))
+            else:
+                conn.proceed()
+                self._upgrade = True
+        elif isinstance(request, CheckPassword):
+            self._spawn(lambda: self._check_password(request))
+        elif isinstance(request, LoginFailed):
+            self._spawn(lambda: self._login_failed(request))
+        elif isinstance(request, OpenMaildrop):
+            self._spawn(lambda: self._open_maildrop(request), cancellable=False)
+        elif isinstance(request, Retrieve):
+            info = self._infos[request.number - 1]
+            if info.size <= self.server.settings.inline_read and self._send_small(request, info):
+                return
+            self._spawn(lambda: self._retrieve(request))
+        elif isinstance(request, Commit):
+            self._committed = True  # from now on the UPDATE owns the mailbox
+            self._spawn(lambda: self._commit(request), cancellable=False)
+        else:  # pragma: no cover - a request this transport does not know is a bug
+            raise AssertionError(f"unexpected request {request!r}")
+
+    def _observe(self, event: object) -> None:
+        if isinstance(event, ProtocolViolation):
+            log.logger.warning("pop3 %s from %s", event.response.text, self.describe())
+        elif isinstance(event, SizeMismatch):
+            log.logger.warning(
+                "pop3 message %d of <%s> was %d octets, listed as %d (wrong W= in its name?)",
+                event.number, self.conn.user, event.sent, event.announced)
+
+    # -- authentication -----------------------------------------------------------------------
+    async def _check_password(self, request: CheckPassword) -> None:
+        throttle = self.server.backend.throttle
+        if throttle.blocked(self.address, request.user):
+            ok = False
+        else:
+            async with self.server.password_slots:
+                ok = await asyncio.to_thread(request.check.check)
+        self.conn.password_checked(ok)
+
+    async def _login_failed(self, request: LoginFailed) -> None:
+        delay = self.server.backend.throttle.failure(self.address, request.user)
+        # The same shape as SMTP AUTH's failures, for fail2ban (contrib/fail2ban).
+        log.logger.warning("unknown[%s]: SASL %s authentication failed: %s", self.address,
+                           request.mechanism, request.reason)
+        log.logger.info("pop3 authentication failed from %s: user=<%s>, method=%s",
+                        self.describe(), request.user or "", request.mechanism)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.conn.proceed()
+
+    async def _open_maildrop(self, request: OpenMaildrop) -> None:
+        throttle = self.server.backend.throttle
+        if throttle.blocked(self.address, request.user):
+            log.logger.info("pop3 login refused (throttled) from %s: user=<%s>",
+                            self.describe(), request.user)
+            self.conn.refuse(r.AUTH_FAILED)
+            return
+        try:
+            mailbox, lock, infos = await asyncio.to_thread(self._open, request.user)
+        except MailboxInUse:
+            log.logger.info("pop3 login from %s: user=<%s>: mailbox in use", self.describe(),
+                            request.user)
+            self.conn.refuse(r.IN_USE_REPLY)
+            return
+        except LookupError:
+            log.logger.warning("pop3 login from %s: user=<%s>: no mailbox", self.describe(),
+                               request.user)
+            self.conn.refuse(r.err("No mailbox for this account.", r.SYS_PERM))
+            return
+        except (StorageError, OSError) as exc:
+            log.logger.error("pop3 login from %s: user=<%s>: mailbox unavailable: %s",
+                             self.describe(), request.user, exc)
+            self.conn.refuse(r.MAILDROP_UNAVAILABLE)
+            return
+        if self.transport is None or self.transport.is_closing():
+            await asyncio.to_thread(self._close_mailbox, mailbox, lock)
+            return
+        self._mailbox, self._lock, self._infos = mailbox, lock, infos
+        throttle.success(self.address, request.user)
+        entries = [MaildropMessage(info.crlf_size, uidl)
+                   for info, uidl in zip(infos, _uidls(infos), strict=True)]
+        log.logger.info("pop3 login: user=<%s>, method=%s, client=%s, messages=%d, size=%d%s",
+                        request.user, request.mechanism, self.describe(), len(entries),
+                        sum(e.size for e in entries), f", tls={self.tls}" if self.tls else "")
+        self.conn.maildrop_opened(entries)
+
+    def _open(self, user: str) -> tuple[Mailbox, SessionLock, list[MessageInfo]]:
+        mailbox = self.server.backend.open_mailbox(user)
+        try:
+            lock = mailbox.lock_exclusive("pop3")
+            try:
+                mailbox.sync(move_new=True)
+                return mailbox, lock, list(mailbox.messages())
+            except BaseException:
+                lock.release()
+                raise
+        except BaseException:
+            mailbox.close()
+            raise
+
+    @staticmethod
+    def _close_mailbox(mailbox: Mailbox, lock: SessionLock | None) -> None:
+        try:
+            if lock is not None:
+                lock.release()
+        finally:
+            mailbox.close()
+
+    # -- transaction --------------------------------------------------------------------------
+    def _open_message(self, uid: int) -> tuple[BinaryIO, bytes]:
+        assert self._mailbox is not None
+        fh = self._mailbox.open_message(uid)
+        try:
+            return fh, fh.read(READ_CHUNK)
+        except BaseException:
+            fh.close()
+            raise
+
+    def _send_small(self, request: Retrieve, info: MessageInfo) -> bool:
+        """Send a small message at once, read on the event loop (see ``inline_read``): no task
+        and no thread hop per message. False when it turned out larger than listed: the caller
+        streams it instead."""
+        conn = self.conn
+        assert self._mailbox is not None
+        try:
+            data = self._mailbox.read_message(info.uid, READ_CHUNK)
+        except MessageGone:
+            conn.refuse(r.MESSAGE_UNAVAILABLE)
+            return True
+        except (StorageError, OSError) as exc:
+            log.logger.error("pop3 RETR for <%s>: %s", conn.user, exc)
+            conn.refuse(r.MESSAGE_UNAVAILABLE)
+            return True
+        if len(data) >= READ_CHUNK:
+            return False
+        if data:
+            conn.message_data(data)
+        conn.message_end()
+        if request.lines is None:
+            self._retrieved_octets += info.crlf_size
+        return True
+
+    async def _retrieve(self, request: Retrieve) -> None:
+        info = self._infos[request.number - 1]
+        conn = self.conn
+        try:
+            if info.size <= self.server.settings.inline_read:
+                fh, data = self._open_message(info.uid)
+            else:
+                fh, data = await asyncio.to_thread(self._open_message, info.uid)
+        except MessageGone:
+            conn.refuse(r.MESSAGE_UNAVAILABLE)
+            return
+        except (StorageError, OSError) as exc:
+            log.logger.error("pop3 RETR for <%s>: %s", conn.user, exc)
+            conn.refuse(r.MESSAGE_UNAVAILABLE)
+            return
+        try:
+            while True:
+                if data and not conn.message_data(data):
+                    break  # TOP has its lines, or the session ended
+                if len(data) < READ_CHUNK:
+                    break  # a short read of a regular file is its end
+                self._flush()
+                self.last_activity = time.monotonic()
+                await self._writable.wait()
+                if self.transport is None or self.transport.is_closing():
+                    return
+                data = await asyncio.to_thread(fh.read, READ_CHUNK)
+            conn.message_end()
+            if request.lines is None:
+                self._retrieved_octets += info.crlf_size
+        except OSError as exc:
+            log.logger.error("pop3 RETR for <%s>: %s", conn.user, exc)
+            conn.refuse(r.MESSAGE_UNAVAILABLE)  # data went out already: the core closes
+        finally:
+            fh.close()
+
+    async def _commit(self, request: Commit) -> None:
+        try:
+            await asyncio.to_thread(self._update, request.deleted, request.retrieved)
+        except (StorageError, OSError) as exc:
+            log.logger.error("pop3 UPDATE for <%s> failed: %s", self.conn.user, exc)
+            self.conn.refuse(r.UPDATE_FAILED)
+            return
+        log.logger.info("pop3 logout: user=<%s>, client=%s, retrieved=%d, deleted=%d, octets=%d",
+                        self.conn.user, self.describe(), len(request.retrieved),
+                        len(request.deleted), self._retrieved_octets)
+        self.conn.proceed()
+
+    def _update(self, deleted: Sequence[int], retrieved: Sequence[int]) -> None:
+        """RFC 1939 6: remove the deleted messages; then mark what was retrieved as seen."""
+        mailbox, lock = self._mailbox, self._lock
+        assert mailbox is not None
+        try:
+            if deleted:
+                mailbox.expunge([self._infos[n - 1].uid for n in deleted])
+            if retrieved:
+                mailbox.store_flags([self._infos[n - 1].uid for n in retrieved], add=(SEEN,))
+        finally:
+            self._mailbox = self._lock = None
+            self._close_mailbox(mailbox, lock)
+
+    async def _finish_after_disconnect(self) -> None:
+        """No QUIT: nothing is deleted (RFC 1939 6), but what was retrieved is marked seen."""
+        mailbox, lock = self._mailbox, self._lock
+        self._mailbox = self._lock = None
+        if mailbox is None:
+            return
+        seen = [self._infos[n - 1].uid for n in self.conn.retrieved]
+
+        def finish() -> None:
+            try:
+                if seen:
+                    mailbox.store_flags(seen, add=(SEEN,))
+            finally:
+                self._close_mailbox(mailbox, lock)
+
+        try:
+            await asyncio.to_thread(finish)
+        except (StorageError, OSError) as exc:
+            log.logger.error("pop3 <%s>: marking messages seen failed: %s", self.conn.user, exc)
+
+    # -- TLS ----------------------------------------------------------------------------------
+    def _start_tls(self) -> None:
+        """The +OK to STLS is written: hand the socket to TLS (RFC 2595 4)."""
+        transport = self.transport
+        context = self.server.tls_context
+        if transport is None or transport.is_closing() or context is None:
+            return
+        transport.pause_reading()
+        self._early = bytearray()
+        self._task = asyncio.get_running_loop().create_task(self._handshake(transport, context))
+
+    async def _handshake(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """TLS over the connection. A client may send its first command in the same flight as
+        the end of the handshake (TLS 1.3), and asyncio hands it to data_received() before
+        start_tls() returns: it is kept in ``_early`` and fed once the core knows TLS is up.
+        (Plaintext sent after STLS never gets there: the core dropped it, and reading was
+        paused before the handshake.)"""
+        loop = asyncio.get_running_loop()
+        try:
+            secure = await loop.start_tls(transport, self, context, server_side=True,
+                                          ssl_handshake_timeout=self.server.settings.handshake_timeout)
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            log.logger.info("pop3 TLS handshake failed from %s: %s", self.describe(), exc)
+            self._task = None
+            self._early = None
+            transport.abort()
+            return
+        self._task = None
+        early, self._early = self._early, None
+        if secure is None:
+            return
+        self.transport = secure
+        self.tls = describe(secure.get_extra_info("ssl_object"))
+        log.logger.info("pop3 TLS established from %s: %s", self.describe(), self.tls)
+        self.conn.tls_established()
+        self.last_activity = time.monotonic()
+        if early:
+            self.conn.receive_data(bytes(early))
+        self._pump()
+
+    # -- called by the server -----------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """Answering a request (a password check, a message, the UPDATE): let it finish."""
+        return self._task is not None
+
+    def check_timeout(self, now: float) -> None:
+        if self.conn.closed:
+            return
+        settings = self.server.settings
+        limit = settings.idle_timeout if self.conn.logged_in else settings.auth_timeout
+        if now - self.last_activity <= limit:
+            return
+        log.logger.info("pop3 timeout in %s from %s", self.conn.state.phase, self.describe())
+        if self._task is not None:  # stuck sending to a client that does not read
+            self._task.cancel()
+            self.abort()
+            return
+        self.conn.timeout()
+        self._flush()
+
+    def shutdown(self, force: bool = False) -> None:
+        if self.conn.closed or (self.busy and not force):
+            return
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self.conn.shutdown()
+        self._flush()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Pop3Server:
+    """Every POP3 listener of one process and the sessions they accepted."""
+
+    def __init__(
+        self,
+        settings: Pop3ServerSettings,
+        backend: Pop3Backend,
+        tls_context: ssl.SSLContext | None = None,
+        counts: ConnectionCounts | None = None,
+    ) -> None:
+        self.backend = backend
+        self.tls_context = tls_context
+        self.counts: ConnectionCounts = counts if counts is not None else LocalCounts()
+        self.sessions: set[Pop3Session] = set()
+        self.shutting_down = False
+        self._servers: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._password_slots: asyncio.Semaphore | None = None
+        self._drained: asyncio.Event | None = None  # set when the last session is gone
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: Pop3ServerSettings) -> None:
+        """Apply new settings to new sessions; live sessions keep theirs."""
+        self.settings = settings
+        self.core_settings = Pop3Settings(
+            hostname=settings.hostname,
+            sasl=self.backend.sasl_settings,
+            mechanisms=settings.mechanisms,
+            allow_plaintext=settings.allow_plaintext,
+            stls=self.tls_context is not None,
+            apop=settings.apop,
+            expire=settings.expire,
+            login_delay=settings.login_delay,
+            max_errors=settings.max_errors,
+            max_auth_failures=settings.max_auth_failures,
+        )
+
+    def set_tls_context(self, context: ssl.SSLContext | None) -> None:
+        """A reloaded certificate (or none): new sessions use it."""
+        self.tls_context = context
+        self.reconfigure(self.settings)
+
+    @property
+    def password_slots(self) -> asyncio.Semaphore:
+        if self._password_slots is None:
+            self._password_slots = asyncio.Semaphore(max(1, self.settings.password_checks))
+        return self._password_slots
+
+    def apop_timestamp(self) -> str:
+        """RFC 1939 7: ``<process-ID.clock@hostname>``, unique to the connection; a random
+        part keeps it unpredictable."""
+        return f"<{os.getpid()}.{time.time_ns()}.{secrets.token_hex(4)}@{self.settings.hostname}>"
+
+    async def start(
+        self, plain: Sequence[socket.socket] = (), implicit_tls: Sequence[socket.socket] = ()
+    ) -> None:
+        """Serve on *plain* sockets (role ``pop3``, port 110, STLS when a context is set) and
+        *implicit_tls* ones (role ``pop3s``, port 995; a context is required)."""
+        loop = asyncio.get_running_loop()
+        if implicit_tls and self.tls_context is None:
+            raise ValueError("a pop3s listener needs a TLS context")
+        for sock in plain:
+            server = await loop.create_server(lambda: Pop3Session(self, implicit_tls=False),
+                                              sock=sock)
+            self._servers.append(server)
+            name = sock.getsockname()
+            log.logger.info("listening for POP3 on %s:%d", name[0], name[1])
+        for sock in implicit_tls:
+            server = await loop.create_server(
+                lambda: Pop3Session(self, implicit_tls=True), sock=sock, ssl=self.tls_context,
+                ssl_handshake_timeout=self.settings.handshake_timeout)
+            self._servers.append(server)
+            name = sock.getsockname()
+            log.logger.info("listening for POP3S on %s:%d", name[0], name[1])
+        self._sweeper = loop.create_task(self._sweep())
+
+    def admit(self, session: Pop3Session) -> r.Response | None:
+        settings = self.settings
+        self.sessions.add(session)
+        total, from_address = self.counts.add(session.address)
+        if self.shutting_down:
+            return r.SHUTDOWN
+        if total > settings.max_connections:
+            return r.err("Too many connections.", r.SYS_TEMP)
+        if from_address > settings.max_connections_per_ip:
+            return r.err("Too many connections from your address.", r.SYS_TEMP)
+        return None
+
+    def release(self, session: Pop3Session) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.counts.remove(session.address)
+        if not self.sessions and self._drained is not None:
+            self._drained.set()
+
+    def background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run cleanup that outlives its session (shutdown waits for it)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            now = time.monotonic()
+            for session in list(self.sessions):
+                try:
+                    session.check_timeout(now)
+                except Exception:  # one session's trouble must not end every timeout
+                    log.logger.exception("pop3 timeout check failed for %s", session.describe())
+
+    async def shutdown(self) -> None:
+        """Stop accepting; tell idle sessions -ERR [SYS/TEMP]; let busy ones finish (bounded)."""
+        self.shutting_down = True
+        for server in self._servers:
+            server.close()
+        for session in list(self.sessions):
+            session.shutdown()
+        deadline = time.monotonic() + self.settings.shutdown_grace
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            for session in list(self.sessions):
+                session.shutdown()
+        for session in list(self.sessions):
+            session.shutdown(force=True)
+        await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.abort()
+        if self.sessions:  # connection_lost() starts each session's cleanup: wait for it
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), 1.0)
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=self.settings.shutdown_grace)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for server in self._servers:
+            await server.wait_closed()

@@ -1,0 +1,116 @@
+"""What the POP3 server core tells its transport, as frozen dataclasses named by nouns.
+
+::
+
+    Event                     something happened; informational unless it is a Request
+    ├── Request               the transport MUST answer it, with the method named below
+    │   ├── StartTls          STLS (RFC 2595 4): proceed() or refuse(response)
+    │   ├── CheckPassword     USER/PASS, PLAIN, LOGIN: run ``check`` off the event loop,
+    │   │                     then password_checked(ok)
+    │   ├── LoginFailed       an authentication failed: proceed() sends the core's -ERR,
+    │   │                     refuse(response) another; the transport counts it (throttling)
+    │   │                     and may wait before answering
+    │   ├── OpenMaildrop      authenticated: lock and list the maildrop, then
+    │   │                     maildrop_opened(messages), or refuse(response): [IN-USE] ...
+    │   ├── Retrieve          RETR or TOP: message_data(chunk)... then message_end(), or
+    │   │                     refuse(response) before the first chunk
+    │   └── Commit            QUIT in TRANSACTION: the UPDATE state (RFC 1939 6): remove the
+    │                         deleted messages, mark the retrieved ones seen, then proceed(),
+    │                         or refuse(response) when some could not be removed
+    ├── SizeMismatch          RETR sent another number of octets than LIST announced
+    └── ProtocolViolation     for the log: an overlong line, too many bad commands ...
+
+While a Request waits for its answer the core parses no further input, which keeps the
+responses to pipelined commands (RFC 2449 6.6) in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from postroom.pop3.responses import Response
+from postroom.sasl.outcomes import FailureKind, PasswordCheck
+
+
+class Event:
+    """Base of everything :meth:`Pop3Connection.next_event` returns."""
+
+    __slots__ = ()
+
+
+class Request(Event):
+    """An event the transport must answer (see the module docstring for how)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MaildropMessage:
+    """One message of the maildrop as the transport lists it at login."""
+
+    size: int  # octets with CRLF line ends: what RETR will send (RFC 1939 11)
+    uidl: str  # RFC 1939 7: 1-70 characters 0x21-0x7E, unique and stable (see content.uidl_for)
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls(Request):
+    """STLS. proceed(): the core sends ``+OK``, drops input pipelined after the command (it came
+    in plaintext) and waits until the transport calls ``tls_established()``."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckPassword(Request):
+    """A password to verify: ``check.check()`` is argon2, slow on purpose. A throttled client's
+    check may be answered ``password_checked(False)`` without running it."""
+
+    mechanism: str  # "USER" for USER/PASS, else the SASL mechanism
+    check: PasswordCheck
+
+    @property
+    def user(self) -> str:
+        return self.check.authcid
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFailed(Request):
+    user: str | None  # the identity claimed, when the client got that far
+    mechanism: str  # "USER", "APOP" or the SASL mechanism
+    kind: FailureKind
+    reason: str  # for the log
+
+
+@dataclass(frozen=True, slots=True)
+class OpenMaildrop(Request):
+    user: str  # the authentication identity, as the client sent it
+    mechanism: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieve(Request):
+    number: int  # 1-based message number
+    uidl: str
+    size: int  # what LIST announced
+    lines: int | None  # TOP: body lines wanted; None for RETR
+
+
+@dataclass(frozen=True, slots=True)
+class Commit(Request):
+    deleted: tuple[int, ...]  # message numbers marked with DELE
+    retrieved: tuple[int, ...]  # message numbers sent whole by RETR (not deleted): mark seen
+
+
+@dataclass(frozen=True, slots=True)
+class SizeMismatch(Event):
+    """The message sent had another CRLF size than the one listed (a wrong ``W=`` in a name
+    written by another program): the client may reject it. For the log, and to repair."""
+
+    number: int
+    announced: int
+    sent: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation(Event):
+    """For the log only; the core has already replied (and perhaps closed)."""
+
+    response: Response
