@@ -7,6 +7,8 @@
     postroom [-c FILE] user sender add|list|remove ...
     postroom [-c FILE] alias add|list|remove ...
     postroom [-c FILE] check-config
+    postroom [-c FILE] queue list|show|flush|hold|release|delete|retry ...
+    mailq [-c FILE]
 
 The configuration file comes from ``-c/--config`` or ``$POSTROOM_CONFIG``; without either the
 built-in defaults apply. Lists print as tables, or as JSON with ``--json``. A refused operation
@@ -537,3 +539,349 @@ def check_config(state: _State) -> None:
     for note in _warnings(cfg):
         click.echo(f"warning: {note}", err=True)
     click.echo("configuration OK")
+
+
+# --- the queue -----------------------------------------------------------------------------
+#
+# Reading (list, show, mailq) reads the queue files directly, so it works whether or not the
+# server runs. Changes go through the running server's control socket, which serialises them with
+# the deliveries; with no server listening they are made on the files directly.
+
+#: postsuper's word for every message.
+_ALL = "ALL"
+#: How long the CLI waits for the server to carry out a change (ALL on a big queue rewrites many
+#: files; the server works on them one by one, between deliveries).
+_SERVER_TIMEOUT = 600.0
+
+# Postfix's mailq layout for long queue ids (postqueue's showq_compat, enable_long_queue_ids):
+# postroom's ids are 12 characters, one more for the "!" of a held message.
+_MQ_ID_WIDTH, _MQ_SIZE_WIDTH, _MQ_TIME_WIDTH = 17, 8, 19
+_MQ_HEADINGS = ("----Queue ID-----", "--Size--", "---Arrival Time----", "--Sender/Recipient------")
+
+
+def _mq_line(queue_id: str, size: str, arrival: str, text: str) -> str:
+    return (
+        f"{queue_id:<{_MQ_ID_WIDTH}} {size:>{_MQ_SIZE_WIDTH}} "
+        f"{arrival[:_MQ_TIME_WIDTH]:<{_MQ_TIME_WIDTH}} {text}"
+    )
+
+
+def format_mailq(entries: list[dict[str, Any]]) -> str:
+    """The listing in Postfix's ``mailq`` layout, from :meth:`QueueEntry.to_dict` records.
+
+    A message line (id, ``!`` when held, size, arrival time, sender or MAILER-DAEMON), then each
+    recipient not yet done, each preceded by its last error in parentheses, right-aligned, when
+    that differs from the previous recipient's; a blank line between messages; a total.
+    """
+    if not entries:
+        return "Mail queue is empty\n"
+    import time
+
+    out = [_mq_line(*_MQ_HEADINGS)]
+    total = 0
+    for number, entry in enumerate(entries):
+        if number:
+            out.append("")
+        total += int(entry["size"])
+        marked = entry["queue_id"] + ("!" if entry["held"] else "")
+        arrival = time.asctime(time.localtime(float(entry["arrival"])))
+        out.append(_mq_line(marked, str(entry["size"]), arrival, entry["sender"] or "MAILER-DAEMON"))
+        previous = ""
+        for rcpt in entry["recipients"]:
+            if rcpt["state"] in ("delivered", "bounced"):
+                continue
+            reason = rcpt["last_error"] or ""
+            if reason != previous:
+                shown = reason or "reason unavailable"
+                out.append(f"{'':>{max(0, 76 - len(shown))}}({shown})")
+                previous = reason
+            out.append(_mq_line("", "", "", rcpt["address"]))
+    count = len(entries)
+    out.append("")
+    out.append(f"-- {total // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}.")
+    return "\n".join(out) + "\n"
+
+
+def _local_time(stamp: float | None) -> str:
+    import time
+
+    if not stamp:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def _next_attempt(rcpt: dict[str, Any], now: float) -> str:
+    if rcpt["state"] not in ("pending", "deferred"):
+        return "-"
+    if float(rcpt["next_attempt"]) <= now:
+        return "now"
+    return _local_time(float(rcpt["next_attempt"]))
+
+
+def _data_dir(state: _State) -> Path:
+    return state.config().data_dir
+
+
+def _queue_request(state: _State, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Ask the running server; with none listening, do it on the files. Adds ``via``."""
+    from postroom.net import control
+    from postroom.queue import admin
+
+    data_dir = _data_dir(state)
+    response = control.call(control.socket_path(data_dir), op, args, timeout=_SERVER_TIMEOUT)
+    via = "server"
+    if response is None:
+        response = admin.dispatch(data_dir, op, args)
+        via = "files"
+    if not response.get("ok"):
+        raise click.ClickException(str(response.get("error") or "the request failed"))
+    return {**response, "via": via}
+
+
+def _ids_args(ids: tuple[str, ...]) -> dict[str, Any]:
+    if _ALL in ids:
+        if len(ids) > 1:
+            raise click.UsageError(f"{_ALL} stands alone: give queue ids, or {_ALL}")
+        return {"ids": _ALL}
+    return {"ids": list(ids)}
+
+
+_DONE_TEXT = {
+    "held": "placed on hold",
+    "released": "released from hold",
+    "deleted": "removed",
+    "flushed": "due for delivery now",
+    "retried": "due for delivery now, attempt count reset",
+}
+
+
+def _report(response: dict[str, Any], as_json: bool) -> None:
+    """Print what a changing operation did; exit 1 if a message was missing or failed."""
+    results: list[dict[str, str]] = response["results"]
+    failed = [r for r in results if r["result"] in ("missing", "error")]
+    if as_json:
+        _print_json(response)
+    else:
+        if not results:
+            click.echo("no messages")
+        for result in results:
+            qid, what, detail = result["queue_id"], result["result"], result["detail"]
+            if what in _DONE_TEXT:
+                click.echo(f"{qid}: {_DONE_TEXT[what]}")
+            elif what == "unchanged":
+                click.echo(f"{qid}: unchanged ({detail})")
+            elif what == "missing":
+                click.echo(f"{qid}: no such message", err=True)
+            else:
+                click.echo(f"{qid}: {what}: {detail}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+_IDS = click.argument("ids", nargs=-1, required=True, metavar="ID... | ALL")
+
+
+@main.group()
+def queue() -> None:
+    """The mail queue: list, show, flush, hold, release, delete, retry.
+
+    Changes go through the running server (its control socket), or act on the queue files when
+    no server runs.
+    """
+
+
+@queue.command("list")
+@_json_option
+@pass_state
+def queue_list(state: _State, as_json: bool) -> None:
+    """List the queued messages, each recipient with its state and last error (`mailq` prints
+    the same in Postfix's layout)."""
+    import time
+
+    from postroom.queue import admin
+
+    records = [e.to_dict() for e in admin.list_queue(_data_dir(state))]
+    if as_json:
+        _print_json(records)
+        return
+    if not records:
+        click.echo("Mail queue is empty")
+        return
+    now = time.time()
+    rows: list[list[str]] = []
+    for entry in records:
+        first = [
+            entry["queue_id"] + ("!" if entry["held"] else ""),
+            str(entry["size"]),
+            _local_time(entry["arrival"]),
+            entry["sender"] or "<>",
+        ]
+        for number, rcpt in enumerate(entry["recipients"] or [{}]):
+            lead = first if number == 0 else ["", "", "", ""]
+            if not rcpt:
+                rows.append([*lead, "", "", "", "", ""])
+                continue
+            rows.append([
+                *lead,
+                rcpt["address"],
+                rcpt["state"],
+                str(rcpt["attempts"]),
+                _next_attempt(rcpt, now),
+                rcpt["last_error"] or "",
+            ])
+    total = sum(int(e["size"]) for e in records)
+    _print_table(
+        f"Queue: {len(records)} message(s), {total} octets (! = on hold)",
+        ["Queue ID", "Size", "Arrival", "Sender", "Recipient", "State", "Attempts",
+         "Next attempt", "Last error"],
+        rows,
+    )
+
+
+@queue.command("show")
+@click.argument("queue_id", metavar="ID")
+@_json_option
+@pass_state
+def queue_show(state: _State, queue_id: str, as_json: bool) -> None:
+    """Show one message: envelope, recipients with their attempts, and its header section."""
+    import time
+
+    from postroom.queue import admin
+
+    try:
+        found = admin.show(_data_dir(state), queue_id)
+    except admin.AdminError as exc:
+        raise click.ClickException(str(exc)) from None
+    if found is None:
+        raise click.ClickException(f"{queue_id}: no such message")
+    if as_json:
+        _print_json(found)
+        return
+    now = time.time()
+    env = found["envelope"]
+    where = "on hold" if found["held"] else "active"
+    client = env.get("client_name") or "unknown"
+    lines = [
+        f"Queue ID:  {found['queue_id']} ({where})",
+        f"Arrival:   {_local_time(found['arrival'])}",
+        f"Sender:    <{found['sender']}>",
+        f"Client:    {client}[{env.get('client_address', '')}], helo {env.get('helo') or '-'}",
+        f"Size:      {found['size']} octets in the queue file, {env.get('size', 0)} as received",
+    ]
+    extras = [f"{key}={env[key]}" for key in ("body_type", "ret", "envid") if env.get(key)]
+    if env.get("smtputf8"):
+        extras.append("smtputf8")
+    if extras:
+        lines.append(f"Options:   {' '.join(extras)}")
+    lines.append("Recipients:")
+    for rcpt in found["recipients"]:
+        original = f" (to <{rcpt['original']}>)" if rcpt["original"] != rcpt["address"] else ""
+        lines.append(f"  <{rcpt['address']}>{original}")
+        lines.append(
+            f"    state {rcpt['state']}, attempts {rcpt['attempts']}, "
+            f"next attempt {_next_attempt(rcpt, now)}"
+        )
+        if rcpt["last_error"]:
+            lines.append(f"    last error: {rcpt['last_error']}")
+        for event in rcpt["history"]:
+            stamp = event.get("time")
+            when = _local_time(float(stamp)) if isinstance(stamp, (int, float)) else str(stamp)
+            lines.append(f"    {when}  {event.get('result', '')}  {event.get('detail', '')}".rstrip())
+    lines.append("Headers:")
+    lines.extend(f"  {line}" for line in found["headers"].splitlines())
+    if found["headers_truncated"]:
+        lines.append("  [... header section cut here]")
+    click.echo("\n".join(lines))
+
+
+@queue.command("flush")
+@click.argument("ids", nargs=-1, metavar="[ID... | ALL]")
+@click.option("--domain", help="Only recipients in this domain (postqueue -s).")
+@_json_option
+@pass_state
+def queue_flush(state: _State, ids: tuple[str, ...], domain: str | None, as_json: bool) -> None:
+    """Deliver now: the recipients of each ID (all messages without one) that wait for a retry.
+
+    Messages on hold are left alone. Like `postqueue -f`, `-i ID` and `-s DOMAIN`.
+    """
+    if ids and domain is not None:
+        raise click.UsageError("give queue ids or --domain, not both")
+    args: dict[str, Any] = _ids_args(ids) if ids else {}
+    if domain is not None:
+        args["domain"] = domain
+    _report(_queue_request(state, "flush", args), as_json)
+
+
+@queue.command("retry")
+@_IDS
+@_json_option
+@pass_state
+def queue_retry(state: _State, ids: tuple[str, ...], as_json: bool) -> None:
+    """Flush, and set the recipients' attempt counts back to 0 so the backoff starts again.
+
+    Bounced recipients stay bounced; the message still expires queue.max_lifetime after arrival.
+    """
+    _report(_queue_request(state, "retry", _ids_args(ids)), as_json)
+
+
+@queue.command("hold")
+@_IDS
+@_json_option
+@pass_state
+def queue_hold(state: _State, ids: tuple[str, ...], as_json: bool) -> None:
+    """Put messages on hold: no delivery until released (postsuper -h). ALL: every active one."""
+    _report(_queue_request(state, "hold", _ids_args(ids)), as_json)
+
+
+@queue.command("release")
+@_IDS
+@_json_option
+@pass_state
+def queue_release(state: _State, ids: tuple[str, ...], as_json: bool) -> None:
+    """Release messages from hold, due at once (postsuper -H). ALL: every held one."""
+    _report(_queue_request(state, "release", _ids_args(ids)), as_json)
+
+
+@queue.command("delete")
+@_IDS
+@_json_option
+@pass_state
+def queue_delete(state: _State, ids: tuple[str, ...], as_json: bool) -> None:
+    """Delete messages, active or held, without any notification (postsuper -d). ALL: every one."""
+    _report(_queue_request(state, "delete", _ids_args(ids)), as_json)
+
+
+# --- mailq ---------------------------------------------------------------------------------
+
+
+@click.command("mailq")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="POSTROOM_CONFIG",
+    help="Configuration file (TOML). Also $POSTROOM_CONFIG.",
+)
+@_json_option
+def mailq(config_path: Path | None, as_json: bool) -> None:
+    """List the mail queue in Postfix's mailq layout (`!` after the id: on hold)."""
+    from postroom.queue import admin
+
+    try:
+        data_dir = config_mod.load(config_path).data_dir
+        records = [e.to_dict() for e in admin.list_queue(data_dir)]
+    except PostroomError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+    if as_json:
+        _print_json(records)
+        return
+    click.echo(format_mailq(records), nl=False)
+
+
+def mailq_main() -> None:
+    """The ``mailq`` console script."""
+    mailq(prog_name="mailq")
