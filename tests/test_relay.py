@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import smtplib
 import socket
 import socketserver
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -288,3 +290,45 @@ def test_smtp_sink_takes_many_recipients_in_one_transaction(net: Net) -> None:
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def test_queue_tools_against_the_running_server(tmp_path: Path) -> None:
+    """mailq, queue list/show/hold/release/flush/delete on a deferred message, through the
+    server's control socket while the runner works on the queue."""
+    port = free_port()
+    with serve_dns(ZONE) as dns:
+        sender = make_server(tmp_path, sender_config(dns.port, port))
+        sender.start()
+        try:
+            send(sender, "alice@example.com", "eve@down.test", subject="stuck")
+            sender.wait_for(lambda: "to=<eve@down.test>" in sender.log()
+                            and "status=deferred" in sender.log(), timeout=20)
+            [entry] = json.loads(sender.cli("queue", "list", "--json"))
+            queue_id = entry["queue_id"]
+            [rcpt] = entry["recipients"]
+            assert rcpt["address"] == "eve@down.test" and rcpt["state"] == "deferred"
+            mailq = subprocess.run(
+                [str(Path(sys.executable).parent / "mailq"), "-c", str(sender.config_path)],
+                capture_output=True, text=True, timeout=30, check=True).stdout
+            assert queue_id in mailq and "alice@example.com" in mailq
+            assert "eve@down.test" in mailq and "in 1 Request." in mailq
+            shown = json.loads(sender.cli("queue", "show", queue_id, "--json"))
+            assert shown["recipients"][0]["history"][0]["result"] == "deferred"
+            sender.cli("queue", "hold", queue_id)
+            assert (sender.data_dir / "queue" / "hold" / queue_id).exists()
+            held = subprocess.run(
+                [str(Path(sys.executable).parent / "mailq"), "-c", str(sender.config_path)],
+                capture_output=True, text=True, timeout=30, check=True).stdout
+            assert f"{queue_id}!" in held
+            sender.cli("queue", "release", queue_id)
+            assert (sender.data_dir / "queue" / "active" / queue_id).exists()
+            sender.cli("queue", "flush")
+            sender.cli("queue", "delete", queue_id)
+            assert not (sender.data_dir / "queue" / "active" / queue_id).exists()
+            assert "Mail queue is empty" in sender.cli("queue", "list") + subprocess.run(
+                [str(Path(sys.executable).parent / "mailq"), "-c", str(sender.config_path)],
+                capture_output=True, text=True, timeout=30).stdout
+            sender.wait_for(lambda: f"{queue_id}: removed" in sender.log())
+            assert sender.proc is not None and sender.proc.poll() is None
+        finally:
+            sender.stop()

@@ -40,6 +40,7 @@ from postroom.delivery.route import Router as OutboundRouter
 from postroom.dns import Resolver
 from postroom.errors import ConfigError
 from postroom.net.auth import AuthService, LoginThrottleAdapter, throttle_settings
+from postroom.net.control import ControlServer, queue_handler, socket_path
 from postroom.net.limits import ConnectionCounts, SharedCounts
 from postroom.net.pop3 import MaildirBackend, Pop3Server, Pop3ServerSettings
 from postroom.net.server import SmtpServer, bind_listener
@@ -259,8 +260,13 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        control = None
+        if self.worker == 0:  # the queue tools talk to the runner's process
+            control = ControlServer(socket_path(data_dir), queue_handler(
+                data_dir, message_lock=runner.message_lock, on_change=runner.wake))
         try:
-            if self.worker == 0:
+            if control is not None:
+                await control.start()
                 runner.start()  # one runner per queue: two would deliver twice
             await server.start([(sock, lst) for sock, lst in self.sockets if lst.smtp])
             if pop3 is not None:
@@ -275,6 +281,8 @@ class Daemon:
             else:
                 await server.shutdown()
         finally:
+            if control is not None:
+                await control.stop()
             await runner.stop()
             await deliverer.close()
             await asyncio.to_thread(committer.stop)

@@ -35,9 +35,10 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from postroom import log
 from postroom.config import Config
@@ -49,7 +50,7 @@ from postroom.policy.routes import LocalDelivery, RemoteDelivery
 from postroom.queue.bounce import Notifier
 from postroom.queue.committer import Committer, DirSync, storage_error
 from postroom.queue.envelope import Envelope, Recipient, RecipientState
-from postroom.queue.spool import MAX_ENVELOPE_LINE, Spool, log_outcome, log_removed
+from postroom.queue.spool import MAX_ENVELOPE_LINE, Spool, log_outcome, log_removed, read_envelope
 from postroom.smtp.client_events import OutboundEnvelope, OutboundRecipient, Stage, Verdict
 
 logger = logging.getLogger("postroom.queue")
@@ -141,6 +142,7 @@ class QueueRunner:
         self._gate = asyncio.Semaphore(CONCURRENCY)
         self._destinations: dict[str, asyncio.Semaphore] = {}
         self._dead: dict[str, tuple[float, str]] = {}  # domain -> (until, why)
+        self._locks: dict[str, list[Any]] = {}  # queue id -> [its lock, users], while in use
         #: Read afresh on every use: assign a new Config to reload (SIGHUP).
         self.config = config
         self._clock = clock
@@ -234,6 +236,22 @@ class QueueRunner:
                 work.append(task)
         return earliest, work
 
+    @contextlib.asynccontextmanager
+    async def message_lock(self, queue_id: str) -> AsyncIterator[None]:
+        """Held around all work on one queue file: the runner's attempts and the operator's
+        queue commands (``net.control``) never interleave on the same message."""
+        entry = self._locks.get(queue_id)
+        if entry is None:
+            entry = self._locks[queue_id] = [asyncio.Lock(), 0]
+        entry[1] += 1  # holders and waiters: the lock is forgotten when none is left
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._locks[queue_id]
+
     def _done(self, task: asyncio.Task[None], queue_id: str) -> None:
         self._tasks.discard(task)
         self._inflight.discard(queue_id)
@@ -252,7 +270,20 @@ class QueueRunner:
             if self._stopping:
                 return  # not started: the next run takes it
             try:
-                await self._process(envelope, path, due, now)
+                async with self.message_lock(envelope.queue_id):
+                    # The scan's copy may be stale: an operator may have held, deleted or
+                    # flushed the message meanwhile (queue tools take this lock too).
+                    try:
+                        envelope = await asyncio.to_thread(read_envelope, path)
+                    except FileNotFoundError:
+                        return
+                    if envelope.hold:
+                        return
+                    due = [r for r in envelope.recipients
+                           if _waiting(r) and r.next_attempt <= now]
+                    if due or finished(envelope) or any(
+                            map(owes_failure_notice, envelope.recipients)):
+                        await self._process(envelope, path, due, now)
             except StorageError as exc:
                 log.event(
                     envelope.queue_id, logging.WARNING, status="queue error", status_detail=str(exc)
