@@ -18,16 +18,25 @@ def test_embedded_defaults_are_safe() -> None:
     assert cfg.smtp.max_received_headers == 100
     assert not cfg.smtp.reject_bare_lf
     listeners = {listener.role: listener for listener in cfg.listeners()}
-    assert set(listeners) == {"mx", "submission", "submissions"}
+    assert set(listeners) == {"mx", "submission", "submissions", "pop3", "pop3s"}
     ports = {role: listener.host_port()[1] for role, listener in listeners.items()}
-    assert ports in ({"mx": 25, "submission": 587, "submissions": 465},
-                     {"mx": 2525, "submission": 2587, "submissions": 2465})
+    assert ports in ({"mx": 25, "submission": 587, "submissions": 465, "pop3": 110, "pop3s": 995},
+                     {"mx": 2525, "submission": 2587, "submissions": 2465, "pop3": 2110,
+                      "pop3s": 2995})
     assert not listeners["mx"].offers_auth and not listeners["mx"].requires_auth
     assert listeners["submission"].offers_auth and listeners["submission"].requires_auth
     assert listeners["submissions"].implicit_tls and not listeners["submission"].implicit_tls
     assert cfg.auth.mechanisms == ["SCRAM-SHA-256", "PLAIN", "LOGIN"]
     assert not cfg.auth.allow_plaintext_on_loopback
     assert cfg.hostname and "." not in cfg.hostname[-1:]
+
+
+def test_a_login_listener_cannot_turn_auth_off(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[[listener]]\nrole = "submission"\naddress = "127.0.0.1:587"\nauth = false\n')
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert "a submission listener needs auth" in str(info.value)
 
 
 def test_auth_limits_are_checked(tmp_path: Path) -> None:

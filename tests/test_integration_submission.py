@@ -198,6 +198,19 @@ def test_sender_must_belong_to_the_user(sub: Submission) -> None:
     assert sub.server.messages("bob@example.com") == []
 
 
+def test_a_from_hidden_past_the_header_limit_is_refused(sub: Submission) -> None:
+    padding = b"".join(b"X-Pad-%05d: %s\r\n" % (i, b"p" * 60) for i in range(1200))  # ~90 KB
+    with smtp(sub.submission) as client:
+        client.starttls(context=context())
+        client.login("alice@example.com", "alice-secret")
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("alice@example.com", ["bob@example.com"],
+                            padding + b"From: Bob <bob@example.com>\r\n\r\nx\r\n")
+        assert (refused.value.smtp_code, refused.value.smtp_error) == (
+            552, b"5.3.4 Message header section too large for submission")
+    assert sub.server.messages("bob@example.com") == []
+
+
 def test_received_names_the_user_when_configured(tmp_path: Path) -> None:
     running = start(tmp_path, "received_header_user = true\n")
     try:

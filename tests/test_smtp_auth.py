@@ -234,3 +234,21 @@ def test_auth_line_bound_applies_only_where_auth_is_offered() -> None:
     conn.receive_data(b"NOOP " + b"x" * 600 + b"\r\n")  # other verbs keep RFC 5321's 512
     drain(conn)
     assert conn.data_to_send().endswith(b"500 5.5.2 Line too long\r\n")
+
+
+def test_mail_takes_rfc_4954_auth_parameter_only_where_auth_is_offered() -> None:
+    conn = new_conn()
+    ehlo(conn)
+    conn.receive_data(b"AUTH PLAIN =\r\nMAIL FROM:<a@b.example> AUTH=<>\r\n"
+                      b"RSET\r\nMAIL FROM:<a@b.example> AUTH=a+2Bb@c.example\r\n"
+                      b"RSET\r\nMAIL FROM:<a@b.example> AUTH=bad+zz\r\n")
+    events = drain(conn, lambda r: codes.AUTH_OK if isinstance(r, Auth) else codes.OK_MAIL)
+    assert sum(isinstance(e, MailFrom) for e in events) == 2
+    out = conn.data_to_send()
+    assert out.count(b"250 2.1.0 Ok\r\n") == 2
+    assert out.splitlines()[-1].startswith(b"501 5.5.4 ")  # not xtext
+    conn = new_conn(mechanisms=())
+    ehlo(conn)
+    conn.receive_data(b"MAIL FROM:<a@b.example> AUTH=<>\r\n")
+    drain(conn)
+    assert conn.data_to_send() == b"504 5.5.4 Error: parameter not implemented: AUTH\r\n"

@@ -87,6 +87,12 @@ class ListenerSection(_Section):
     #: Offer SMTP AUTH here. Default: off on mx, on for the submission roles.
     auth: bool | None = None
 
+    @model_validator(mode="after")
+    def _check_auth(self) -> ListenerSection:
+        if self.auth is False and self.role != "mx":
+            raise ValueError(f"a {self.role} listener needs auth (its clients must log in)")
+        return self
+
     @property
     def smtp(self) -> bool:
         return self.role in SMTP_ROLES

@@ -213,6 +213,12 @@ class Receiver:
             loop = Rejected(554, "5.4.6", f"Too many hops ({hops} Received headers): mail loop?")
             self._log_reject(client, txn, "END-OF-MESSAGE", loop, "")
             return _reply(loop)
+        if client.auth_user is not None and message.header_cut:
+            # The From: check and the Date/Message-ID fixes need the whole header section.
+            txn.discard()
+            too_big = Rejected(552, "5.3.4", "Message header section too large for submission")
+            self._log_reject(client, txn, "END-OF-MESSAGE", too_big, "")
+            return _reply(too_big)
         if client.auth_user is not None and self.settings.enforce_sender:
             for author in from_addresses(headers):
                 refused = self._check_sender(client, author, "From: header address")

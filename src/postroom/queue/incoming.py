@@ -54,6 +54,8 @@ class IncomingMessage:
         self._size = 0
         self._header = bytearray()
         self._header_end: int | None = None
+        #: The header section is longer than the limit: header_section() is only its start.
+        self.header_cut = False
         self._file: BinaryIO | None = None
         self.spill_path: Path | None = None
         self.error: StorageError | None = None
@@ -91,6 +93,7 @@ class IncomingMessage:
             self._header_end = end + 2
         elif len(self._header) >= self._header_limit:
             self._header_end = len(self._header)
+            self.header_cut = True
         if self._header_end is not None:
             del self._header[self._header_end :]
 

@@ -31,6 +31,7 @@ from postroom.smtp.events import MailFrom, RcptTo
 
 ENVID_MAX: Final = 100  # RFC 3461 4.4: ENVID at most 100 characters
 ORCPT_MAX: Final = 500  # RFC 3461 4.2: ORCPT at most 500 characters
+AUTH_PARAM_MAX: Final = 500  # RFC 4954 5: AUTH= adds at most 500 characters to MAIL
 SIZE_DIGITS: Final = 20  # RFC 1870 3: size-value ::= 1*20DIGIT
 
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")  # RFC 5321 4.1.2 esmtp-keyword
@@ -115,10 +116,20 @@ def _need(keyword: str, value: str | None) -> str:
     return value
 
 
-def parse_mail_params(text: str) -> MailParams:
+def parse_mail_params(text: str, *, auth: bool = False) -> MailParams:
+    """MAIL's parameters; ``auth`` when the session offers AUTH, which brings RFC 4954 5's
+    ``AUTH=<mailbox>`` parameter (xtext). We do not trust another server's claim about who
+    submitted a message, so its value is checked and then treated as ``AUTH=<>``."""
     size = body = ret = envid = None
     smtputf8 = False
     for keyword, value in split_params(text).items():
+        if keyword == "AUTH" and auth:
+            raw = _need(keyword, value)
+            if len(raw) > AUTH_PARAM_MAX:
+                raise _bad("AUTH parameter too long")
+            if raw != "<>":
+                decode_xtext(raw)
+            continue
         if keyword == "SIZE":
             value = _need(keyword, value)
             if not value.isascii() or not value.isdigit() or len(value) > SIZE_DIGITS:
@@ -188,13 +199,14 @@ def _address_error(exc: AddressError, status: str) -> ParamError:
 _AFTER_HELO: Final = Reply(555, "5.5.4", "Error: parameters need EHLO")
 
 
-def mail_from(arg: str, *, esmtp: bool, max_size: int) -> MailFrom:
-    """The argument of MAIL (after ``MAIL``); SIZE over ``max_size`` (if > 0) gets 552 5.3.4."""
+def mail_from(arg: str, *, esmtp: bool, max_size: int, auth: bool = False) -> MailFrom:
+    """The argument of MAIL (after ``MAIL``); SIZE over ``max_size`` (if > 0) gets 552 5.3.4.
+    ``auth``: the session offers AUTH, so ``AUTH=`` is a known parameter (RFC 4954 5)."""
     try:
         path, rest = _split(arg, "FROM:", "MAIL")
         if rest.strip() and not esmtp:
             raise ParamError(_AFTER_HELO)
-        params = parse_mail_params(rest)
+        params = parse_mail_params(rest, auth=auth)
         if params.size is not None and 0 < max_size < params.size:
             raise ParamError(MESSAGE_TOO_BIG)  # RFC 1870 6.1
         address = parse_path(path, utf8=params.smtputf8)

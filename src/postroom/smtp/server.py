@@ -88,8 +88,9 @@ COMMAND_LINE: Final = 512
 #: 535 for " NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=" and a 500-character value (RFC 3461 4.1, 4.2);
 #: MAIL up to 26 for SIZE (RFC 1870 3), 120 for RET and a 100-character ENVID (RFC 3461 4.3,
 #: 4.4), 14 for BODY=8BITMIME and 9 for SMTPUTF8; a 256-character UTF-8 path may take 768 octets
-#: more (RFC 6531 3.3). 512 + 535 + 768 = 1,815 at most: 2048 covers it.
-COMMAND_LINE_WITH_PARAMS: Final = 2048
+#: more (RFC 6531 3.3); AUTH= 500 more (RFC 4954 5). 512 + 535 + 768 + 500 = 2,315 at most:
+#: 2560 covers it.
+COMMAND_LINE_WITH_PARAMS: Final = 2560
 #: RFC 4954 4: a SASL response (and AUTH's initial response) may be 12288 octets of base64; the
 #: line adds its CRLF and, for AUTH, the verb and a mechanism name of up to 20 characters (RFC
 #: 4422 3.1). This bounds what one session buffers while it reads a line.
@@ -607,7 +608,8 @@ class ServerConnection:
                 self._reply(codes.AUTH_REQUIRED)
             return
         try:
-            event = mail_from(arg, esmtp=self._esmtp, max_size=self._settings.max_message_size)
+            event = mail_from(arg, esmtp=self._esmtp, max_size=self._settings.max_message_size,
+                              auth=bool(self.auth_mechanisms))
         except ParamError as exc:
             self._reply(exc.reply)
             return
