@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in swaks postfix strace libnet-ssleay-perl dovecot-core openssl msmtp fail2ban; do
+for pkg in swaks postfix strace libnet-ssleay-perl dovecot-core openssl msmtp fail2ban \
+           mpop fetchmail getmail6; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
