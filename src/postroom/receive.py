@@ -256,6 +256,7 @@ class Receiver:
             log.event(envelope.queue_id, **{"message-id": msgid})
         log.event(envelope.queue_id, **{"from": envelope.sender}, size=event.size,
                   nrcpt=len(recipients))
+        envelope.queued = time.time()
         try:
             await self.spool.accept(envelope, message, received)
         except StorageError as exc:

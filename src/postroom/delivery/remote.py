@@ -167,6 +167,10 @@ class AttemptResult:
     domain: str
     recipients: tuple[RecipientResult, ...]
     notes: tuple[str, ...] = ()  # what went wrong on the way (for the log): skipped hosts ...
+    #: Seconds spent on DNS, connecting, greeting, EHLO and TLS; then on the transaction
+    #: (the ``c`` and ``d`` of the log's ``delays=a/b/c/d``, as Postfix splits them).
+    setup: float = 0.0
+    transmission: float = 0.0
 
     def by_verdict(self, wanted: Verdict) -> list[RecipientResult]:
         return [r for r in self.recipients if r.verdict is wanted]
@@ -391,6 +395,8 @@ class _Attempt:
     last: RecipientResult | None = None  # the latest failure that decided nobody (for the rest)
     notes: list[str] = field(default_factory=list)
     sessions: int = 0
+    started: float = 0.0  # loop time: the attempt began (routing and connection setup follow)
+    transaction: float | None = None  # loop time: the last transaction began (MAIL sent)
 
 
 def _policy_failure(text: str, status: str, stage: Stage = Stage.STARTTLS) -> _SessionOver:
@@ -426,7 +432,8 @@ class RemoteDeliverer:
     async def deliver(self, domain: str, envelope: OutboundEnvelope,
                       message: MessageSource) -> AttemptResult:
         """One attempt for ``envelope`` (whose recipients all belong to ``domain``)."""
-        attempt = _Attempt(envelope, open=list(range(len(envelope.recipients))))
+        attempt = _Attempt(envelope, open=list(range(len(envelope.recipients))),
+                           started=asyncio.get_running_loop().time())
         if envelope.size is None:
             try:
                 attempt.envelope = dataclasses.replace(envelope, size=message.size)
@@ -618,6 +625,7 @@ class RemoteDeliverer:
                            message: MessageSource) -> TransactionResult:
         envelope = attempt.envelope
         recipients = tuple(envelope.recipients[i] for i in attempt.open)
+        attempt.transaction = asyncio.get_running_loop().time()
         session.conn.send_mail(dataclasses.replace(envelope, recipients=recipients))
         session.flush()
         while True:
@@ -686,5 +694,8 @@ class RemoteDeliverer:
     @staticmethod
     def _result(domain: str, attempt: _Attempt) -> AttemptResult:
         recipients = tuple(attempt.decided[i] for i in range(len(attempt.envelope.recipients)))
-        return AttemptResult(domain, recipients, tuple(attempt.notes))
+        now = asyncio.get_running_loop().time()
+        begun = attempt.transaction if attempt.transaction is not None else now
+        return AttemptResult(domain, recipients, tuple(attempt.notes),
+                             setup=max(0.0, begun - attempt.started), transmission=now - begun)
 

@@ -133,6 +133,7 @@ class Envelope:
     ret: str | None = None  # RFC 3461 RET=FULL|HDRS
     envid: str | None = None  # RFC 3461 ENVID, decoded
     hold: bool = False
+    queued: float = 0.0  # time.time() when the message was accepted (end of data)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -150,6 +151,7 @@ class Envelope:
                 "ret": self.ret,
                 "envid": self.envid,
                 "hold": self.hold,
+                "queued": self.queued,
             },
             ensure_ascii=False,
             separators=(",", ":"),
@@ -172,6 +174,7 @@ class Envelope:
             ret=data.get("ret"),
             envid=data.get("envid"),
             hold=data.get("hold", False),
+            queued=data.get("queued", 0.0),
         )
 
     @property

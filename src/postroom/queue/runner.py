@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import random
@@ -43,7 +44,7 @@ from typing import Any
 from postroom import log
 from postroom.config import Config
 from postroom.delivery.maildir import delivery_headers, size_from_name, write_message
-from postroom.delivery.remote import FileSource, RecipientResult, RemoteDeliverer
+from postroom.delivery.remote import AttemptResult, FileSource, RecipientResult, RemoteDeliverer
 from postroom.errors import StorageError
 from postroom.message.dsn import Action, DsnKind, wants
 from postroom.policy.routes import LocalDelivery, RemoteDelivery
@@ -95,9 +96,11 @@ class _Attempt:
     diagnostic: str | None = None  # its reply, lines as received
     stage: str | None = None
     success_action: Action | None = Action.DELIVERED  # what a NOTIFY=SUCCESS notice says
+    setup: float = 0.0  # seconds of DNS, connection, greeting, EHLO, TLS (delays= "c")
+    transmission: float = 0.0  # seconds of the transaction or the Maildir write ("d")
 
 
-def _remote_attempt(result: RecipientResult) -> _Attempt:
+def _remote_attempt(result: RecipientResult, attempt: AttemptResult) -> _Attempt:
     reply = result.reply
     diagnostic = None
     if not result.local:
@@ -116,6 +119,8 @@ def _remote_attempt(result: RecipientResult) -> _Attempt:
         stage=None if result.local else result.stage.value,
         # A next hop that took NOTIFY reports success itself (RFC 3461 4.1): no notice from us.
         success_action=None if result.dsn_passed else Action.RELAYED,
+        setup=attempt.setup,
+        transmission=attempt.transmission,
     )
 
 
@@ -306,6 +311,7 @@ class QueueRunner:
         successes: list[tuple[Recipient, Action]] = []
         local = [r for r in due if isinstance(r.destination, LocalDelivery)]
         if local:
+            begun = time.monotonic()
             try:
                 results = await self._committer.submit(
                     lambda ds: self._deliver(envelope, path, local, ds)
@@ -313,6 +319,8 @@ class QueueRunner:
             except StorageError as exc:
                 failure = _Attempt(False, str(exc), "4.3.1" if exc.disk_full else "4.3.0")
                 results = [failure] * len(local)
+            spent = time.monotonic() - begun
+            results = [dataclasses.replace(r, transmission=spent) for r in results]
             for recipient, result in zip(local, results, strict=True):
                 self._settle(envelope, recipient, result, now, expires, successes)
         remote = [r for r in due if isinstance(r.destination, RemoteDelivery)]
@@ -374,7 +382,8 @@ class QueueRunner:
         elif domain in self._dead and not unreachable:
             del self._dead[domain]
         for recipient, result in zip(recipients, results, strict=True):
-            self._settle(envelope, recipient, _remote_attempt(result), now, expires, successes)
+            self._settle(envelope, recipient, _remote_attempt(result, attempt), now, expires,
+                         successes)
 
     async def _notices(self, envelope: Envelope, path: Path, now: float, expires: float,
                        successes: list[tuple[Recipient, Action]]) -> None:
@@ -477,8 +486,14 @@ class QueueRunner:
 
     def _log(self, envelope: Envelope, recipient: Recipient, result: _Attempt, status: str,
              detail: str, dsn: str) -> None:
+        # Postfix's delays=a/b/c/d: before the queue (receiving), waiting in the queue,
+        # connection setup, transmission.
+        queued = envelope.queued or envelope.arrival
+        parts = (max(0.0, queued - envelope.arrival), max(0.0, recipient.last_attempt - queued),
+                 result.setup, result.transmission)
+        delays = "/".join(f"{p:.2f}".rstrip("0").rstrip(".") or "0" for p in parts)
         log_outcome(envelope, recipient, self._clock(), relay=result.relay, dsn=dsn,
-                    status=status, detail=detail)
+                    status=status, detail=detail, delays=delays)
 
     async def _record(self, envelope: Envelope, path: Path) -> None:
         """Make the recipients' new states durable, or remove a finished message."""

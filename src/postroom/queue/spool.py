@@ -141,8 +141,10 @@ def log_outcome(
     dsn: str,
     status: str,
     detail: str,
+    delays: str | None = None,
 ) -> None:
-    """One ``to=<..>, orig_to=<..>, relay=.., delay=.., dsn=.., status=.. (detail)`` line."""
+    """One ``to=<..>, orig_to=<..>, relay=.., delay=.., delays=a/b/c/d, dsn=.., status=..
+    (detail)`` line."""
     orig = recipient.original if recipient.original != recipient.address else None
     log.event(
         envelope.queue_id,
@@ -150,6 +152,7 @@ def log_outcome(
         orig_to=orig,
         relay=relay,
         delay=max(0.0, now - envelope.arrival),
+        delays=delays,
         dsn=dsn,
         status=status,
         status_detail=detail,
