@@ -29,6 +29,16 @@ parallelism = 1
 """
 
 
+#: Tests never ask the system's resolver: unless a test brings its own DNS server, MX lookups
+#: go to a port on 127.0.0.1 where nothing listens, and remote mail stays deferred.
+NO_DNS = """
+[outbound]
+nameservers = ["127.0.0.1"]
+dns_port = 9
+dns_timeout = 1.0
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -91,6 +101,7 @@ log_file = "{self.log_path}"
 address = "{self.host}:{self.port}"
 {FAST_PASSWORDS}
 {self.extra_config}
+{"" if "[outbound]" in self.extra_config else NO_DNS}
 """
         )
 
