@@ -124,6 +124,18 @@ def _remote_attempt(result: RecipientResult, attempt: AttemptResult) -> _Attempt
     )
 
 
+@dataclass(slots=True)
+class _Work:
+    """One message's turn in the queue manager."""
+
+    envelope: Envelope
+    path: Path
+    now: float
+    expires: float
+    successes: list[tuple[Recipient, Action]] = dataclasses.field(default_factory=list)
+    saving: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+
 class QueueRunner:
     """An asyncio task that works through the queue. ``clock`` can be injected for tests."""
 
@@ -300,17 +312,10 @@ class QueueRunner:
         self, envelope: Envelope, path: Path, due: list[Recipient], now: float
     ) -> None:
         expires = envelope.arrival + self.config.queue.max_lifetime
-        if due:
-            for recipient in due:
-                recipient.attempts += 1
-                recipient.state = RecipientState.DEFERRED
-                recipient.next_attempt = self._next_attempt(recipient.attempts, now, expires)
-                recipient.last_error = ATTEMPT_UNDER_WAY
-                recipient.last_attempt = now
-            await self._committer.submit(lambda ds: self._spool.update_envelope(path, envelope, ds))
-        successes: list[tuple[Recipient, Action]] = []
+        work = _Work(envelope, path, now, expires)
         local = [r for r in due if isinstance(r.destination, LocalDelivery)]
         if local:
+            await self._begin(work, local)
             begun = time.monotonic()
             try:
                 results = await self._committer.submit(
@@ -322,15 +327,35 @@ class QueueRunner:
             spent = time.monotonic() - begun
             results = [dataclasses.replace(r, transmission=spent) for r in results]
             for recipient, result in zip(local, results, strict=True):
-                self._settle(envelope, recipient, result, now, expires, successes)
+                self._settle(envelope, recipient, result, now, expires, work.successes)
+            await self._save(work)
         remote = [r for r in due if isinstance(r.destination, RemoteDelivery)]
         if remote:
             await asyncio.gather(*(
-                self._relay(envelope, path, domain, group, now, expires, successes)
-                for domain, group in self._transactions(remote)
+                self._relay(work, domain, group) for domain, group in self._transactions(remote)
             ))
-        await self._notices(envelope, path, now, expires, successes)
-        await self._record(envelope, path)
+        await self._notices(envelope, path, now, expires, work.successes)
+        async with work.saving:
+            await self._record(envelope, path)
+
+    async def _begin(self, work: _Work, recipients: list[Recipient]) -> None:
+        """Record an attempt for *recipients* durably before it is made: a crash during it
+        cannot lose count of it, and the retry waits its backoff."""
+        for recipient in recipients:
+            recipient.attempts += 1
+            recipient.state = RecipientState.DEFERRED
+            recipient.next_attempt = self._next_attempt(recipient.attempts, work.now, work.expires)
+            recipient.last_error = ATTEMPT_UNDER_WAY
+            recipient.last_attempt = work.now
+        await self._save(work)
+
+    async def _save(self, work: _Work) -> None:
+        """Rewrite the message's envelope with every state settled so far. Each outcome is
+        saved as soon as it is known (as Postfix does after each delivery), so a crash never
+        repeats a delivery that is already done; one save at a time per file."""
+        async with work.saving:
+            await self._committer.submit(
+                lambda ds: self._spool.update_envelope(work.path, work.envelope, ds))
 
     def _transactions(self, recipients: list[Recipient]) -> list[tuple[str, list[Recipient]]]:
         """Recipients grouped by domain, at most the per-transaction limit in a group."""
@@ -342,10 +367,10 @@ class QueueRunner:
         return [(domain, group[i:i + limit]) for domain, group in by_domain.items()
                 for i in range(0, len(group), limit)]
 
-    async def _relay(self, envelope: Envelope, path: Path, domain: str,
-                     recipients: list[Recipient], now: float, expires: float,
-                     successes: list[tuple[Recipient, Action]]) -> None:
+    async def _relay(self, work: _Work, domain: str, recipients: list[Recipient]) -> None:
         """One SMTP transaction for *recipients* of *domain*, then their outcomes."""
+        envelope, path, now, expires = work.envelope, work.path, work.now, work.expires
+        successes = work.successes
         deliverer = self.deliverer
         dead = self._dead.get(domain)
         why = None
@@ -355,9 +380,11 @@ class QueueRunner:
             why = f"delivery temporarily suspended: {dead[1]}"
         if why is not None or deliverer is None:
             why = why or NO_RELAY
+            await self._begin(work, recipients)  # counts, and sets when to try again
             for recipient in recipients:
                 self._settle(envelope, recipient, _Attempt(False, why, "4.4.1", relay="none"),
                              now, expires, successes)
+            await self._save(work)
             return
         semaphore = self._destinations.setdefault(
             domain, asyncio.Semaphore(self.config.outbound.max_per_destination))
@@ -371,7 +398,8 @@ class QueueRunner:
             ret=envelope.ret,
             envid=envelope.envid,
         )
-        async with semaphore:
+        async with semaphore:  # waiting here is not an attempt yet
+            await self._begin(work, recipients)
             attempt = await deliverer.deliver(domain, outbound, FileSource(path, offset))
         results = attempt.recipients
         unreachable = all(r.local and r.stage is Stage.CONNECT and r.verdict is Verdict.TEMPORARY
@@ -384,6 +412,7 @@ class QueueRunner:
         for recipient, result in zip(recipients, results, strict=True):
             self._settle(envelope, recipient, _remote_attempt(result, attempt), now, expires,
                          successes)
+        await self._save(work)
 
     async def _notices(self, envelope: Envelope, path: Path, now: float, expires: float,
                        successes: list[tuple[Recipient, Action]]) -> None:
