@@ -332,3 +332,45 @@ def test_queue_tools_against_the_running_server(tmp_path: Path) -> None:
             assert sender.proc is not None and sender.proc.poll() is None
         finally:
             sender.stop()
+
+
+def test_smarthost_with_auth_over_starttls(tmp_path: Path) -> None:
+    """relayhost = [host]:port: no MX lookup; AUTH PLAIN inside STARTTLS on the relay host's
+    submission port (a second postroom), which then delivers."""
+    sub = free_port()
+    receiver = make_server(tmp_path / "b", f"""
+[[listener]]
+role = "submission"
+address = "127.0.0.2:{sub}"
+""", host="127.0.0.2", hostname="smarthost.remote.test")
+    receiver.cli("domain", "add", "remote.test")
+    receiver.cli("user", "add", "carol@remote.test", "--password-stdin", stdin="carol-pw\n")
+    # the smarthost's own sender rule: the login carol may send for example.com's users
+    receiver.cli("user", "sender", "add", "carol@remote.test", "@example.com")
+    sender = make_server(tmp_path / "a", f"""
+[relay]
+trusted_networks = ["127.0.0.0/8"]
+
+[outbound]
+nameservers = ["127.0.0.1"]
+dns_port = 9
+relayhost = "[127.0.0.2]:{sub}"
+relayhost_username = "carol@remote.test"
+relayhost_password = "carol-pw"
+relayhost_tls = "opportunistic"
+
+[queue]
+scan_interval = 0.5
+""")
+    receiver.start()
+    sender.start()
+    try:
+        send(sender, "alice@example.com", "carol@remote.test", subject="via smarthost")
+        receiver.wait_for(lambda: receiver.messages("carol@remote.test"), timeout=20)
+        assert parse(receiver.messages("carol@remote.test")[0])["Subject"] == "via smarthost"
+        assert f"relay=127.0.0.2[127.0.0.2]:{sub}" in sender.log()
+        assert "SASL PLAIN authentication succeeded, sasl_username=carol@remote.test" in (
+            receiver.log())
+    finally:
+        sender.stop()
+        receiver.stop()
