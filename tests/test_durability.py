@@ -8,6 +8,7 @@ only then the ``250`` on the socket.
 from __future__ import annotations
 
 import os
+import poplib
 import random
 import re
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_server, wait_port
+from tests.conftest import free_port, make_server, wait_port
 
 pytestmark = pytest.mark.slow
 
@@ -159,7 +160,22 @@ def test_server_as_root_drops_privileges(tmp_path: Path) -> None:
         pytest.skip("no user 'nobody'")
     root = Path(tempfile_dir())
     try:
-        handle = make_server(root)
+        pop3, sub = free_port(), free_port()
+        handle = make_server(root, f"""
+[[listener]]
+role = "pop3"
+address = "127.0.0.1:{pop3}"
+
+[[listener]]
+role = "submission"
+address = "127.0.0.1:{sub}"
+
+[pop3]
+allow_plaintext = true
+
+[auth]
+allow_plaintext_on_loopback = true
+""")
         handle.config_path.write_text(handle.config_path.read_text()
                                       .replace('run_as = ""', 'run_as = "nobody"'))
         handle.start()
@@ -176,6 +192,15 @@ def test_server_as_root_drops_privileges(tmp_path: Path) -> None:
         # The CLI run as root acts as the data owner, so the server can still write the DB.
         handle.cli("user", "add", "carol@example.com", "--password-stdin", stdin="carol-pw\n")
         assert (handle.data_dir / "accounts.db").stat().st_uid == nobody.pw_uid
+        # Logins run argon2 in a thread pool that Python imports on first use: after the drop
+        # its files may be unreadable (an interpreter under /root), so it was imported before.
+        with smtplib.SMTP("127.0.0.1", sub, local_hostname="c.test", timeout=10) as c:
+            c.login("alice@example.com", "alice-secret")
+        box = poplib.POP3("127.0.0.1", pop3, timeout=10)
+        box.user("alice@example.com")
+        box.pass_("alice-secret")
+        assert box.stat()[0] == 1
+        box.quit()
         handle.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -353,6 +353,25 @@ def _setup_logging(config: Config) -> None:
     )
 
 
+def preload() -> None:
+    """Import now what Python and our libraries otherwise import on first use. After the drop
+    of privileges the interpreter's own files may be unreadable (a Python installed under a
+    private home directory), and a lazy import would then fail deep inside a session: the
+    thread pool of ``asyncio.to_thread`` (argon2 checks, quota counts), uvloop, the IDNA and
+    punycode codecs, dnspython's record classes (MX answers), the email package's policies."""
+    import concurrent.futures.thread  # noqa: F401
+    import email.headerregistry
+    import email.policy  # noqa: F401
+    import encodings.idna
+    import encodings.punycode  # noqa: F401
+
+    import dns.rdata
+
+    dns.rdata.load_all_types()  # type: ignore[no-untyped-call]
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: F401
+
+
 def serve(config: Config) -> None:
     # Until the event loop installs its handler, a SIGHUP (the default action ends the process)
     # is ignored: the configuration was only just read.
@@ -360,6 +379,7 @@ def serve(config: Config) -> None:
     _setup_logging(config)
     sockets = [(bind_listener(listener), listener) for listener in config.listeners()]
     context = tls_context(config)  # the key may be readable by root only: load it first
+    preload()
     drop_privileges(config)
     logins = LoginParts.make(config)  # as the mail user: a new key file is theirs
     try:
