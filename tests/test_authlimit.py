@@ -251,6 +251,143 @@ def test_account_names_differing_in_case_share_a_count(make: Factory) -> None:
     assert v.account_failures == 2.0
 
 
+def test_account_key_is_the_stores_lookup_key() -> None:
+    """Issue 3 review: ``alice@example.com.`` logs in as alice and must count as alice."""
+    for spelling in ("alice@example.com.", "ALICE@EXAMPLE.COM", " Alice@Example.com. ",
+                     "alice@EXAMPLE.com"):
+        assert account_key(spelling) == "alice@example.com"
+    assert account_key("bob@xn--bcher-kva.example") == account_key("Bob@Bücher.example.")
+    assert account_key("Straße@example.com") == account_key("STRASSE@example.com")
+    assert account_key("just-a-name") == "just-a-name"
+    long = "a@xn--" + "b" * 9000  # no parsing of what cannot be an address
+    assert account_key(long) == long
+
+
+def test_spellings_of_one_account_share_its_count(make: Factory) -> None:
+    t = make(DEFAULTS)
+    t.failure("192.0.2.82", "grace@example.org", 0.0)
+    t.failure("192.0.2.83", "grace@example.org.", 0.0)
+    v = t.failure("192.0.2.84", "GRACE@xn--exmple-cua.org", 0.0)  # another domain: own count
+    assert v.account_failures == 1.0
+    assert t.failure("192.0.2.85", "Grace@Example.ORG", 0.0).account_failures == 3.0
+    t.success("192.0.2.86", "grace@example.org.", 0.0)  # a success by any spelling clears it
+    assert t.failure("192.0.2.87", "grace@example.org", 0.0).account_failures == 1.0
+
+
+# --- reservations ---------------------------------------------------------------------------
+
+
+def test_reservations_count_in_flight_attempts(make: Factory) -> None:
+    """Issue 3 review: thirty parallel guesses all passed the block test before the first was
+    recorded. Reserved before the check, exactly ip_max_failures are let through."""
+    t = make(DEFAULTS)
+    ip = "203.0.113.40"
+    reservations = [t.reserve(ip, 5.0) for _ in range(30)]
+    granted = [r for r in reservations if r.granted]
+    assert len(granted) == 10
+    assert [r.set_until > 0 for r in granted] == [False] * 9 + [True]  # the tenth blocks ...
+    assert granted[-1].blocked_for == 600.0
+    assert all(r.blocked_for == pytest.approx(600.0) for r in reservations[10:])
+    assert not t.check(ip, 5.0).allowed  # ... and everyone else is refused meanwhile
+    verdicts = [t.failure(ip, "alice@example.org", 5.0, r) for r in granted]
+    # the address was counted once per attempt, not twice; the block line is logged once
+    assert verdicts[-1].ip_failures == 10.0 and verdicts[-1].account_failures == 10.0
+    assert [v.just_blocked for v in verdicts] == [False] * 9 + [True]
+    assert all(v.blocked for v in verdicts)  # the tenth's block holds for the ones in flight
+    assert t.check(ip, 5.0).ip_failures == 10.0
+
+
+def test_a_refused_reservation_counts_nothing(make: Factory) -> None:
+    t = make(DEFAULTS)
+    ip = "203.0.113.41"
+    fail_many(t, ip, "", 10, now=0.0)
+    refused = t.reserve(ip, 100.0)
+    assert not refused.granted and refused.blocked_for == 500.0
+    t.release(ip, refused, 100.0)  # a no-op
+    assert t.check(ip, 100.0).ip_failures == pytest.approx(10 * 0.5 ** (100 / 600))
+    assert t.check(ip, 100.0).blocked_for == 500.0  # not extended
+
+
+def test_success_gives_the_reservation_and_its_block_back(make: Factory) -> None:
+    """Nine failures, then the right password: its reservation reached the limit and set the
+    block, but a success is no failure: the count and the block are as they were."""
+    t = make(DEFAULTS)
+    ip = "192.0.2.42"
+    fail_many(t, ip, "bob@example.org", 9, now=0.0)
+    r = t.reserve(ip, 1.0)
+    assert r.granted and r.set_until == 601.0
+    assert not t.check(ip, 1.0).allowed
+    t.success(ip, "bob@example.org", 2.0, r)
+    after = t.check(ip, 2.0)
+    assert after.allowed and after.ip_failures == pytest.approx(9 * 0.5 ** (2 / 600))
+    # the reservation's 1, decayed since it was taken, is what was given back: no residue
+    assert t.failure(ip, "", 2.0).just_blocked
+
+
+def test_release_keeps_a_block_renewed_since(make: Factory) -> None:
+    t = make(DEFAULTS)
+    ip = "192.0.2.43"
+    fail_many(t, ip, "", 9, now=0.0)
+    mine = t.reserve(ip, 0.0)  # sets the block until 600
+    assert mine.set_until == 600.0
+    t.failure(ip, "", 10.0)  # an unreserved failure (another protocol) renews it: until 610
+    t.release(ip, mine, 10.0)
+    v = t.check(ip, 10.0)
+    assert v.blocked and v.blocked_for == pytest.approx(600.0)
+
+
+def test_released_challenges_leave_no_trace(make: Factory) -> None:
+    """Every step of an exchange is reserved; a challenge gives it back at once."""
+    t = make(DEFAULTS)
+    ip = "192.0.2.44"
+    fail_many(t, ip, "", 9, now=0.0)
+    for _ in range(50):
+        t.release(ip, t.reserve(ip, 0.0), 0.0)
+    v = t.check(ip, 0.0)
+    assert v.allowed and v.ip_failures == pytest.approx(9.0)
+
+
+def test_shared_release_keeps_a_colliding_keys_block() -> None:
+    """Our reservation blocks both our slots; one of them also holds another key's shorter,
+    still running block. Releasing must lift only what we wrote there and put back the other
+    key's block, not zero the slot (the other key counts by the smaller of its two slots, so a
+    zeroed slot would free it)."""
+    t = SharedThrottle(ThrottleSettings(block_seconds=1000.0), slots=8)
+    x = "203.0.113.1"
+    x_slots = set(t._locate(ip_key(x), 0)[1])
+    # a key that shares exactly one slot with x (found by its fingerprints, salt is random)
+    y = next(ip for ip in (f"10.9.{i // 256}.{i % 256}" for i in range(5000))
+             if len(set(t._locate(ip_key(ip), 0)[1]) & x_slots) == 1
+             and len(t._locate(ip_key(ip), 0)[1]) == 2)
+    fail_many(t, x, "", 10, now=0.0)  # x blocked until 1000
+    assert t.check(y, 0.0).allowed  # y's other slot is cold
+    for _ in range(9):  # the cold slot decides: nine in flight, the tenth blocks
+        assert t.reserve(y, 500.0).granted
+    r = t.reserve(y, 500.0)
+    assert r.granted and r.set_until == 1500.0  # both of y's slots now read 1500
+    t.release(y, r, 500.0)
+    assert not t.check(x, 500.0).allowed  # x keeps its block, until 1000 ...
+    assert t.check(x, 500.0).blocked_for == pytest.approx(500.0)
+    assert t.check(y, 500.0).allowed  # ... and y has none
+
+
+def test_shared_reservation_taken_in_a_child_is_settled_in_the_parent() -> None:
+    t = SharedThrottle(DEFAULTS, slots=1024)
+    ip = "192.0.2.93"
+    for _ in range(9):
+        t.failure(ip, "", 0.0)
+    taken = FORK.Queue()
+
+    def child() -> None:
+        taken.put(t.reserve(ip, 0.0))
+
+    _run_in_children([child])
+    r = taken.get(timeout=10)
+    assert r.granted and not t.check(ip, 0.0).allowed  # the child's reservation blocks us too
+    t.release(ip, r, 0.0)
+    assert t.check(ip, 0.0).allowed
+
+
 # --- settings -------------------------------------------------------------------------------
 
 
@@ -513,3 +650,53 @@ def test_property_shared_agrees_with_local_when_nothing_collides(
             assert local.check(ip, now) == shared.check(ip, now)
         else:
             assert local.failure(ip, account, now) == shared.failure(ip, account, now)
+
+
+attempts = st.lists(
+    st.tuples(
+        st.sampled_from(["wrong", "wrong", "wrong", "right", "challenge"]),
+        st.one_of(st.just(0.0), st.floats(0.0, 30.0), st.floats(0.0, 3000.0)),  # time step
+        st.integers(0, 3),  # which address
+        st.integers(0, 3),  # which account (0: none given)
+    ),
+    min_size=1,
+    max_size=120,
+)
+
+
+def _same(a: Verdict, b: Verdict) -> None:
+    assert a.blocked_for == pytest.approx(b.blocked_for)
+    assert a.delay == pytest.approx(b.delay)
+    assert a.just_blocked == b.just_blocked
+    assert a.ip_failures == pytest.approx(b.ip_failures, abs=1e-6)
+    assert a.account_failures == pytest.approx(b.account_failures, abs=1e-6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(kind=st.sampled_from(sorted(KINDS)), s=settings_st, script=attempts)
+def test_property_reservations_one_at_a_time_change_nothing(
+    kind: str, s: ThrottleSettings, script: list[tuple[str, float, int, int]]
+) -> None:
+    """Attempts that do not overlap get the same answers whether the throttle is asked with
+    check() and failure(), or with reserve() and a settling call: reservations only matter for
+    attempts in flight together."""
+    plain = KINDS[kind](s) if kind == "local" else SharedThrottle(s, slots=1 << 20)
+    reserving = KINDS[kind](s) if kind == "local" else SharedThrottle(s, slots=1 << 20)
+    now = 0.0
+    for op, step, ip_n, account_n in script:
+        now += step
+        ip, account = f"192.0.2.{ip_n}", f"user{account_n}@example.org" if account_n else ""
+        allowed = plain.check(ip, now)
+        r = reserving.reserve(ip, now)
+        assert r.granted == allowed.allowed
+        if not r.granted:
+            assert r.blocked_for == pytest.approx(allowed.blocked_for)
+            continue
+        if op == "wrong":
+            _same(plain.failure(ip, account, now), reserving.failure(ip, account, now, r))
+        elif op == "right":
+            plain.success(ip, account, now)
+            reserving.success(ip, account, now, r)
+        else:
+            reserving.release(ip, r, now)
+        _same(plain.check(ip, now), reserving.check(ip, now))

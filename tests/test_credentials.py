@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -302,6 +303,53 @@ def test_adapter_lookups(store: AccountStore, key: ServerKey) -> None:
         assert creds.scram_keys(unknown, "SCRAM-SHA-256") is None
         assert creds.cram_secret(unknown) is None
     assert AccountCredentials(store).cram_secret("alice@example.com") is None  # no box given
+
+
+class NoLookups(AccountStore):
+    """An AccountStore that must not be asked."""
+
+    def __init__(self) -> None:  # no database at all
+        pass
+
+    def get_user(self, address: str) -> None:
+        raise AssertionError(f"looked up {address[:40]!r}")
+
+
+def test_adapter_refuses_overlong_identities_without_a_lookup() -> None:
+    """Issue 3 review: the SASL mechanisms call the store on the event loop, and a 9 kB IDN user
+    name cost ~0.75 s of punycode per AUTH. Longer than 320 octets (RFC 5321: local part 64,
+    "@", domain 255) names no account: unknown at once, the store never asked."""
+    label = "".join(chr(0x4E00 + i * 7) for i in range(3000))
+    bomb = "a@xn--" + label.encode("punycode").decode("ascii")
+    creds = AccountCredentials(NoLookups())
+    for identity in (bomb, "a@" + label, "a" * 300 + "@" + "b" * 20, "é" * 200 + "@example.com"):
+        started = time.perf_counter()
+        assert creds.password_hash(identity) is None
+        assert creds.scram_keys(identity, "SCRAM-SHA-256") is None
+        assert creds.cram_secret(identity) is None
+        assert creds.account_address(identity) is None
+        assert time.perf_counter() - started < 0.05
+
+
+def test_adapter_takes_identities_up_to_320_octets(store: AccountStore) -> None:
+    local = "a" * 64
+    domain = ".".join(["b" * 63] * 3 + ["c" * 61])  # 253 octets
+    store.add_domain(domain)
+    made = add(store, f"{local}@{domain}", PASSWORD)
+    creds = AccountCredentials(store)
+    assert len(f"{local}@{domain}.") == 319
+    assert creds.password_hash(f"{local.upper()}@{domain}.") == made.password_hash
+
+
+def test_adapter_names_the_account_as_stored(store: AccountStore, key: ServerKey) -> None:
+    """What a session records as the logged-in user: the account, however it was typed."""
+    add(store, "Alice@example.com", PASSWORD)
+    creds = AccountCredentials(store, key.cram_box())
+    for spelling in ("alice@example.com", "ALICE@EXAMPLE.COM", "alice@example.com.",
+                     "alice@EXAMPLE.com"):
+        assert creds.account_address(spelling) == "Alice@example.com"
+    assert creds.account_address("carol@example.com") is None
+    assert creds.account_address("alice") is None
 
 
 def test_adapter_fails_closed_on_another_server_key(

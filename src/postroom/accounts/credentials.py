@@ -123,6 +123,12 @@ class AccountCredentials:
         self._store = store
         self._cram_box = cram_box
 
+    def account_address(self, authcid: str) -> str | None:
+        """The address of the account *authcid* names, as stored (``Alice@Example.COM.`` names
+        ``alice@example.com``), or None: what a session records as the logged-in user."""
+        user = self._store.get_user(authcid) if _usable(authcid) else None
+        return None if user is None else user.address
+
     def password_hash(self, authcid: str) -> str | None:
         user = self._store.get_user(authcid) if _usable(authcid) else None
         return None if user is None else user.password_hash
@@ -162,12 +168,20 @@ class AccountCredentials:
             return None
 
 
+#: The longest identity that can name an account: an RFC 5321 4.5.3.1 path has a local part of
+#: at most 64 octets and a domain of at most 255, with the "@" between them.
+MAX_IDENTITY_OCTETS = 64 + 1 + 255
+
+
 def _usable(authcid: str) -> bool:
-    """An identity that can name an account: has an "@" and is encodable (no lone surrogate)."""
-    if "@" not in authcid:
+    """An identity that can name an account: has an "@", fits in :data:`MAX_IDENTITY_OCTETS`
+    and is encodable (no lone surrogate). Anything else is unknown without a store lookup, so a
+    client-chosen 9 kB name costs no normalisation (the SASL mechanisms call the store on the
+    event loop)."""
+    if len(authcid) > MAX_IDENTITY_OCTETS or "@" not in authcid:  # characters <= octets
         return False
     try:
-        authcid.encode("utf-8")
+        octets = authcid.encode("utf-8")
     except UnicodeEncodeError:
         return False
-    return True
+    return len(octets) <= MAX_IDENTITY_OCTETS

@@ -182,8 +182,14 @@ class Sender:
 
 
 def _decode_label(label: str) -> str:
-    """The U-label of an A-label (RFC 5890 2.3.2.1); anything else unchanged."""
-    if not label.startswith("xn--"):
+    """The U-label of an A-label (RFC 5890 2.3.2.1); anything else unchanged.
+
+    A label longer than 63 octets (RFC 1035 2.3.4) is no A-label and is not decoded: punycode
+    takes time quadratic in the length (the round trip below encodes every distinct code point
+    once per output position), and a client-chosen 9 kB label would hold the event loop for most
+    of a second.
+    """
+    if not label.startswith("xn--") or len(label) > MAX_LABEL_OCTETS:
         return label
     try:
         decoded = label[4:].encode("ascii").decode("punycode")
@@ -199,12 +205,16 @@ def normalize_domain(domain: str) -> str:
     """The canonical form used for every comparison; never raises (lookups of junk find nothing).
 
     Lowercase, no trailing dot, A-labels decoded to U-labels, Unicode NFC. An address literal
-    (``[192.0.2.1]``) is only lowercased.
+    (``[192.0.2.1]``) is only lowercased. A name longer than 253 characters cannot be a host name
+    in any spelling (a U-label has no more characters than its A-label has octets): it is only
+    lowercased, without decoding anything, and so matches no domain (see :func:`_decode_label`).
     """
     domain = domain.strip().lower()
     if domain.startswith("["):
         return domain
     domain = domain.rstrip(".")
+    if len(domain) > MAX_DOMAIN_OCTETS:
+        return domain
     labels = [_decode_label(label) for label in domain.split(".")]
     return unicodedata.normalize("NFC", ".".join(labels)).lower()
 
@@ -220,6 +230,10 @@ def check_domain(domain: str) -> str:
     if not name or name.startswith("["):
         raise bad
     labels = name.split(".")
+    # Length first: punycode-encoding a long label is quadratic (see _decode_label), and no
+    # U-label has more characters than its A-label has octets.
+    if len(name) > MAX_DOMAIN_OCTETS or any(len(label) > MAX_LABEL_OCTETS for label in labels):
+        raise bad
     try:
         ascii_form = ".".join(_a_label(label) for label in labels)
     except UnicodeError:

@@ -7,6 +7,13 @@ process (each takes 64 MiB at the default cost, so a login flood must not take t
 failure replies wait for the throttle's delay. SMTP AUTH uses it now; POP3 and IMAP logins go
 through the same service, so one client address has one failure count for all of them.
 
+The throttle is asked right before each look at the credentials, not once per exchange (see
+:mod:`postroom.policy.authlimit`): :meth:`AuthService.reserve` before every step a mechanism may
+judge a proof in (SCRAM's client-final, CRAM-MD5's response), and :meth:`AuthService.verify`
+again once an argon2 slot is free, so neither a client parked at a password prompt nor one of many
+connections queued for a slot has its guess checked after the address was blocked. The attempt
+is counted when it is reserved; a success or a step that judged nothing gives it back.
+
 Log lines, in the shape fail2ban's stock ``postfix-sasl`` filter reads (``contrib/fail2ban``
 has a filter for postroom's own process name)::
 
@@ -23,11 +30,14 @@ import asyncio
 import ipaddress
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from postroom import log
 from postroom.config import AuthSection
-from postroom.policy.authlimit import AuthThrottle, ThrottleSettings
+from postroom.errors import StorageError
+from postroom.policy.authlimit import AuthThrottle, Reservation, ThrottleSettings, Verdict
 from postroom.sasl import (
     CredentialStore,
     Exchange,
@@ -43,6 +53,43 @@ from postroom.sasl import (
 #: on our side (the store was down) is not the client's fault.
 _COUNTED = frozenset({FailureKind.REJECTED, FailureKind.MALFORMED, FailureKind.TOO_LONG,
                       FailureKind.INITIAL_RESPONSE_REFUSED})
+
+
+@runtime_checkable
+class AccountDirectory(Protocol):
+    """A credential store that also knows each account's own spelling of its address
+    (:class:`postroom.accounts.credentials.AccountCredentials`)."""
+
+    def account_address(self, authcid: str) -> str | None: ...
+
+
+def account_name(store: CredentialStore, authcid: str) -> str:
+    """The logged-in account's address as stored, when *store* can tell (a user who typed
+    ``Alice@Example.COM.`` is ``alice@example.com``); else *authcid* as received."""
+    if isinstance(store, AccountDirectory):
+        try:
+            name = store.account_address(authcid)
+        except StorageError:  # it answered a moment ago; keep the name as given
+            name = None
+        if name is not None:
+            return name
+    return authcid
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """What :meth:`AuthService.verify` did with a password check.
+
+    - ``reservation`` None: the client had left by the time a slot was free; nothing was checked
+      or counted.
+    - ``reservation.granted`` false: the address is blocked (``reservation.blocked_for``); nothing
+      was checked: answer ``421 4.7.0`` and close.
+    - otherwise *ok* is the check's result, and *reservation* is settled by
+      :meth:`AuthService.failed` / :meth:`AuthService.succeeded` (or released).
+    """
+
+    ok: bool = False
+    reservation: Reservation | None = None
 
 
 def throttle_settings(auth: AuthSection) -> ThrottleSettings:
@@ -119,46 +166,94 @@ class AuthService:
         """Seconds this address must still wait before it may try again; 0: it may."""
         return self.throttle.check(address, time.monotonic()).blocked_for
 
-    async def verify(self, check: PasswordCheck) -> bool:
-        """Run an argon2 check in a worker thread, a bounded number at a time."""
+    def reserve(self, address: str) -> Reservation:
+        """Right before a step that may judge credentials: refused while *address* is blocked,
+        else the attempt is counted until settled (:meth:`failed`, :meth:`succeeded`,
+        :meth:`release`)."""
+        return self.throttle.reserve(address, time.monotonic())
+
+    def release(self, address: str, reservation: Reservation) -> None:
+        """Give back a reservation whose step judged nothing (a challenge, the client left)."""
+        self.throttle.release(address, reservation, time.monotonic())
+
+    def account_name(self, authcid: str) -> str:
+        """See :func:`account_name`."""
+        return account_name(self.settings.credentials, authcid)
+
+    async def verify(self, check: PasswordCheck, address: str,
+                     gone: Callable[[], bool] | None = None) -> Checked:
+        """Run an argon2 check in a worker thread, a bounded number at a time.
+
+        The throttle is asked once the slot is taken, not before: a guess that waited behind
+        others is not checked if their failures blocked the address meanwhile. A client that left
+        while waiting (*gone* says so) costs no check.
+        """
         if self._checks is None:
             self._checks = asyncio.Semaphore(self._max_parallel)
         async with self._checks:
-            return await asyncio.to_thread(check.check)
+            if gone is not None and gone():
+                return Checked()
+            reservation = self.reserve(address)
+            if not reservation.granted:
+                return Checked(reservation=reservation)
+            try:
+                ok = await asyncio.to_thread(check.check)
+            except BaseException:
+                self.release(address, reservation)
+                raise
+            return Checked(ok, reservation)
 
-    async def failed(self, client: str, address: str, mechanism: str, failure: Failure) -> bool:
-        """Log and count one failed exchange, wait out its delay; True when the address is
-        now refused (the caller says 421/BYE and disconnects)."""
+    def record_failure(self, client: str, address: str, mechanism: str, failure: Failure,
+                       reservation: Reservation | None = None) -> Verdict | None:
+        """Log and count one failed exchange at once (no waiting); None when it does not count
+        against the client (its reservation is then given back)."""
         account = failure.authcid or ""
         if failure.kind not in _COUNTED:  # not the client's guess: no fail2ban-shaped line
+            if reservation is not None:
+                self.release(address, reservation)
             log.logger.info("%s: SASL %s authentication ended: %s", client, mechanism,
                             failure.reason)
-            return False
+            return None
         # The user name goes on a line of its own: fail2ban's filters expect the failure line
         # to end after the reason, and a user name is client-chosen text.
         log.logger.warning("%s: SASL %s authentication failed: %s", client, mechanism,
                            failure.reason)
         if account:
             log.logger.info("%s: failed login, sasl_username=%s", client, _printable(account))
-        verdict = self.throttle.failure(address, account, time.monotonic())
+        verdict = self.throttle.failure(address, account, time.monotonic(), reservation)
+        if verdict.just_blocked:  # once per block, though several workers may see it
+            log.logger.warning("%s: too many failed authentications; refused for %d s",
+                               client, round(verdict.blocked_for))
+        return verdict
+
+    async def failed(self, client: str, address: str, mechanism: str, failure: Failure,
+                     reservation: Reservation | None = None) -> bool:
+        """Log and count one failed exchange, wait out its delay; True when the address is
+        now refused (the caller says 421/BYE and disconnects)."""
+        verdict = self.record_failure(client, address, mechanism, failure, reservation)
+        if verdict is None:
+            return False
         if verdict.blocked:
-            if verdict.just_blocked:  # once per block, though several workers may see it
-                log.logger.warning("%s: too many failed authentications; refused for %d s",
-                                   client, round(verdict.blocked_for))
             return True
         if verdict.delay > 0:
             await asyncio.sleep(verdict.delay)
         return False
 
-    def succeeded(self, client: str, address: str, mechanism: str, success: Success) -> None:
-        self.throttle.success(address, success.authcid, time.monotonic())
+    def succeeded(self, client: str, address: str, mechanism: str, success: Success,
+                  reservation: Reservation | None = None) -> str:
+        """Record a login; the account's address as stored (:meth:`account_name`), which the
+        throttle's account count and the session's user are keyed by."""
+        account = self.account_name(success.authcid)
+        self.throttle.success(address, account, time.monotonic(), reservation)
         log.logger.info("%s: SASL %s authentication succeeded, sasl_username=%s", client,
-                        mechanism, _printable(success.authcid))
+                        mechanism, _printable(account))
+        return account
 
 
 class LoginThrottleAdapter:
-    """The shared throttle as POP3 sessions ask it (``net.pop3.LoginThrottle``): the same
-    counts as SMTP AUTH, so one address has one failure count for every protocol."""
+    """The shared throttle as POP3 sessions ask it (``net.pop3.LoginThrottle`` and
+    ``net.pop3.LoginReservations``): the same counts as SMTP AUTH, so one address has one failure
+    count for every protocol."""
 
     def __init__(self, throttle: AuthThrottle) -> None:
         self.throttle = throttle
@@ -166,12 +261,23 @@ class LoginThrottleAdapter:
     def blocked(self, client: str, user: str | None) -> bool:
         return self.throttle.check(client, time.monotonic()).blocked
 
-    def failure(self, client: str, user: str | None) -> float:
-        verdict = self.throttle.failure(client, user or "", time.monotonic())
+    def reserve(self, client: str) -> Reservation:
+        return self.throttle.reserve(client, time.monotonic())
+
+    def release(self, client: str, reservation: Reservation) -> None:
+        self.throttle.release(client, reservation, time.monotonic())
+
+    def verdict(self, client: str, user: str | None,
+                reservation: Reservation | None = None) -> Verdict:
+        """Count a failed login (its reservation, if any, already counted the address)."""
+        verdict = self.throttle.failure(client, user or "", time.monotonic(), reservation)
         if verdict.just_blocked:
             log.logger.warning("unknown[%s]: too many failed authentications; refused for %d s",
                                client, round(verdict.blocked_for))
-        return verdict.delay
+        return verdict
 
-    def success(self, client: str, user: str) -> None:
-        self.throttle.success(client, user, time.monotonic())
+    def failure(self, client: str, user: str | None) -> float:
+        return self.verdict(client, user).delay
+
+    def success(self, client: str, user: str, reservation: Reservation | None = None) -> None:
+        self.throttle.success(client, user, time.monotonic(), reservation)

@@ -3,8 +3,10 @@ sessions that feed the sans-I/O core (:mod:`postroom.pop3`) and answer its reque
 
 Nothing here parses POP3. A session answers the core's requests, each in a task when it waits:
 
-- ``CheckPassword``: argon2 in a worker thread, at most ``password_checks`` at once; skipped
-  (answered False) while the throttle blocks the client or the user;
+- ``CheckPassword``: argon2 in a worker thread, at most ``password_checks`` at once. The throttle
+  is asked once a slot is free, not before: a guess queued behind others is not checked if they
+  blocked the address meanwhile, and one from a client that has left is not checked at all. A
+  blocked client is told ``-ERR [SYS/TEMP]`` and disconnected, like SMTP's ``421 4.7.0``;
 - ``LoginFailed``: tells the throttle, waits as long as it says (a tarpit), then answers;
 - ``OpenMaildrop``: in a thread, the backend opens the user's INBOX, takes its POP3 lock
   (``[IN-USE]`` when held), syncs it (new mail moves to ``cur/``) and lists it; the list stays
@@ -36,12 +38,14 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Final, Protocol
+from typing import Any, BinaryIO, Final, Protocol, runtime_checkable
 
 from postroom import log
 from postroom.errors import StorageError
+from postroom.net.auth import account_name
 from postroom.net.limits import ConnectionCounts, LocalCounts
 from postroom.net.tls import describe
+from postroom.policy.authlimit import Reservation, Verdict
 from postroom.pop3 import (
     CheckPassword,
     Commit,
@@ -86,6 +90,36 @@ class LoginThrottle(Protocol):
     def success(self, client: str, user: str) -> None:
         """A login succeeded."""
         ...
+
+
+@runtime_checkable
+class LoginReservations(LoginThrottle, Protocol):
+    """A throttle that counts a login before its password is checked (the shared one,
+    :class:`postroom.net.auth.LoginThrottleAdapter`; see :mod:`postroom.policy.authlimit`):
+    parallel guesses cannot all pass the test before the first is recorded. Sessions use this
+    when the throttle offers it, else the plain :class:`LoginThrottle` calls."""
+
+    def reserve(self, client: str) -> Reservation:
+        """Right before a check: refused while *client* is blocked, else counted until settled."""
+        ...
+
+    def release(self, client: str, reservation: Reservation) -> None:
+        """Give back a reservation whose check was not judged (the client left, no mailbox)."""
+        ...
+
+    def verdict(self, client: str, user: str | None,
+                reservation: Reservation | None = None) -> Verdict:
+        """Count a failed login, counted already by *reservation* if given."""
+        ...
+
+    def success(self, client: str, user: str, reservation: Reservation | None = None) -> None:
+        """A login succeeded: give *reservation* back."""
+        ...
+
+
+#: The answer to a blocked client, which is then disconnected (SMTP's 421 4.7.0). Not [AUTH]:
+#: that tells a client its credentials are wrong, and it would ask the user for new ones.
+BLOCKED: Final = r.err("Too many failed authentications; try again later.", r.SYS_TEMP)
 
 
 class NoThrottle:
@@ -209,6 +243,8 @@ class Pop3Session(asyncio.Protocol):
         self._infos: list[MessageInfo] = []
         self._committed = False
         self._retrieved_octets = 0
+        #: The login attempt counted for the password check in flight, until settled.
+        self._reservation: Reservation | None = None
 
     def describe(self) -> str:
         return f"[{self.address}]:{self.port}"
@@ -258,6 +294,7 @@ class Pop3Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.release(self)
+        self._release_reservation()  # left before learning the answer: nothing judged for it
         task = self._task
         if task is not None and not task.done() and self._cancellable:
             task.cancel()  # opening the maildrop and the UPDATE run to their end
@@ -352,59 +389,124 @@ class Pop3Session(asyncio.Protocol):
                 event.number, self.conn.user, event.sent, event.announced)
 
     # -- authentication -----------------------------------------------------------------------
+    def _gone(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def _release_reservation(self) -> None:
+        reservation, self._reservation = self._reservation, None
+        throttle = self.server.backend.throttle
+        if reservation is not None and isinstance(throttle, LoginReservations):
+            throttle.release(self.address, reservation)
+
+    def _refuse_blocked(self, wait: float, user: str | None) -> None:
+        """The address is blocked: no check, no failure counted; -ERR and disconnect."""
+        log.logger.info("pop3 login refused (throttled, %d s left) from %s: user=<%s>",
+                        round(wait), self.describe(), user or "")
+        self.conn.shutdown(BLOCKED)
+
     async def _check_password(self, request: CheckPassword) -> None:
         throttle = self.server.backend.throttle
-        if throttle.blocked(self.address, request.user):
-            ok = False
-        else:
-            async with self.server.password_slots:
+        async with self.server.password_slots:
+            # Asked now, with the slot taken: the guesses ahead of this one may have blocked the
+            # address while it waited, and the client may have given up.
+            if self._gone():
+                return
+            if isinstance(throttle, LoginReservations):
+                reservation = throttle.reserve(self.address)
+                if not reservation.granted:
+                    self._refuse_blocked(reservation.blocked_for, request.user)
+                    return
+                self._reservation = reservation
+                ok = await asyncio.to_thread(request.check.check)
+            elif throttle.blocked(self.address, request.user):
+                ok = False
+            else:
                 ok = await asyncio.to_thread(request.check.check)
         self.conn.password_checked(ok)
 
     async def _login_failed(self, request: LoginFailed) -> None:
-        delay = self.server.backend.throttle.failure(self.address, request.user)
+        throttle = self.server.backend.throttle
+        reservation, self._reservation = self._reservation, None
+        blocked = False
+        if isinstance(throttle, LoginReservations):
+            verdict = throttle.verdict(self.address, request.user, reservation)
+            delay, blocked = verdict.delay, verdict.blocked
+        else:
+            delay = throttle.failure(self.address, request.user)
         # The same shape as SMTP AUTH's failures, for fail2ban (contrib/fail2ban).
         log.logger.warning("unknown[%s]: SASL %s authentication failed: %s", self.address,
                            request.mechanism, request.reason)
         log.logger.info("pop3 authentication failed from %s: user=<%s>, method=%s",
                         self.describe(), request.user or "", request.mechanism)
+        if blocked:  # this failure blocked the address, or it was blocked meanwhile
+            self.conn.shutdown(BLOCKED)
+            return
         if delay > 0:
             await asyncio.sleep(delay)
         self.conn.proceed()
 
     async def _open_maildrop(self, request: OpenMaildrop) -> None:
         throttle = self.server.backend.throttle
-        if throttle.blocked(self.address, request.user):
+        reservation, self._reservation = self._reservation, None
+        if isinstance(throttle, LoginReservations):
+            if reservation is None:
+                # SCRAM, CRAM-MD5 or APOP: the core judged the proof as the line came in; a
+                # blocked address must still not log in, whatever it proved.
+                reservation = throttle.reserve(self.address)
+                if not reservation.granted:
+                    self._refuse_blocked(reservation.blocked_for, request.user)
+                    return
+            await self._open_reserved(request, throttle, reservation)
+        elif throttle.blocked(self.address, request.user):
             log.logger.info("pop3 login refused (throttled) from %s: user=<%s>",
                             self.describe(), request.user)
             self.conn.refuse(r.AUTH_FAILED)
-            return
+        else:
+            await self._open_maildrop_as(request, throttle, None)
+
+    async def _open_reserved(self, request: OpenMaildrop, throttle: LoginReservations,
+                             reservation: Reservation) -> None:
+        self._reservation = reservation  # given back if the connection is lost meanwhile
+        try:
+            await self._open_maildrop_as(request, throttle, reservation)
+        finally:
+            self._release_reservation()  # unless the login settled it
+
+    async def _open_maildrop_as(self, request: OpenMaildrop, throttle: LoginThrottle,
+                                reservation: Reservation | None) -> None:
+        # The account's own spelling of its address (alice@example.com, however it was typed)
+        # for the throttle's account count and the log lines.
+        user = account_name(self.server.backend.sasl_settings.credentials, request.user)
         try:
             mailbox, lock, infos = await asyncio.to_thread(self._open, request.user)
         except MailboxInUse:
             log.logger.info("pop3 login from %s: user=<%s>: mailbox in use", self.describe(),
-                            request.user)
+                            user)
             self.conn.refuse(r.IN_USE_REPLY)
             return
         except LookupError:
             log.logger.warning("pop3 login from %s: user=<%s>: no mailbox", self.describe(),
-                               request.user)
+                               user)
             self.conn.refuse(r.err("No mailbox for this account.", r.SYS_PERM))
             return
         except (StorageError, OSError) as exc:
             log.logger.error("pop3 login from %s: user=<%s>: mailbox unavailable: %s",
-                             self.describe(), request.user, exc)
+                             self.describe(), user, exc)
             self.conn.refuse(r.MAILDROP_UNAVAILABLE)
             return
         if self.transport is None or self.transport.is_closing():
             await asyncio.to_thread(self._close_mailbox, mailbox, lock)
             return
         self._mailbox, self._lock, self._infos = mailbox, lock, infos
-        throttle.success(self.address, request.user)
+        if isinstance(throttle, LoginReservations):
+            self._reservation = None
+            throttle.success(self.address, user, reservation)
+        else:
+            throttle.success(self.address, request.user)
         entries = [MaildropMessage(info.crlf_size, uidl)
                    for info, uidl in zip(infos, _uidls(infos), strict=True)]
         log.logger.info("pop3 login: user=<%s>, method=%s, client=%s, messages=%d, size=%d%s",
-                        request.user, request.mechanism, self.describe(), len(entries),
+                        user, request.mechanism, self.describe(), len(entries),
                         sum(e.size for e in entries), f", tls={self.tls}" if self.tls else "")
         self.conn.maildrop_opened(entries)
 

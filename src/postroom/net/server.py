@@ -4,12 +4,15 @@ Limits: at most ``smtp.max_connections`` sessions in all and ``smtp.max_connecti
 one address; a connection over either gets ``421 4.7.0`` instead of a banner. Timeouts (RFC 5321
 4.5.3.2) are checked once a second by one sweeper for every session. Shutdown (SIGTERM) stops
 accepting, tells idle sessions ``421 4.3.2``, lets transactions in flight finish for
-``smtp.shutdown_grace`` seconds, then closes what is left.
+``smtp.shutdown_grace`` seconds, then closes what is left. A session that has already closed its
+side is not waited for beyond :data:`CLOSING_GRACE`: an idle TLS client that never answers our
+close_notify would otherwise hold the whole grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import ssl
 import time
@@ -19,13 +22,16 @@ from postroom import log
 from postroom.config import Config, ListenerSection
 from postroom.net.auth import AuthService
 from postroom.net.limits import ConnectionCounts, LocalCounts
-from postroom.net.session import SmtpSession
+from postroom.net.session import TLS_SHUTDOWN_TIMEOUT, SmtpSession
 from postroom.policy.relay import may_relay
 from postroom.receive import Receiver
 from postroom.smtp.codes import Reply
 from postroom.smtp.server import ServerSettings
 
 _SWEEP_INTERVAL = 1.0
+#: At shutdown, how long a session whose transport is closing may take to finish (its last reply
+#: leaving, the client answering TLS close_notify) before it is aborted.
+CLOSING_GRACE = 1.0
 
 
 def smtp_settings(config: Config) -> ServerSettings:
@@ -87,14 +93,35 @@ class SmtpServer:
 
     async def start(self, listeners: Sequence[tuple[socket.socket, ListenerSection]]) -> None:
         loop = asyncio.get_running_loop()
+        front = self._implicit_tls_context()
         for sock, listener in listeners:
+            # Implicit TLS (RFC 8314) is the loop's from the first byte: see
+            # SmtpSession._implicit_tls for why not start_tls in the session.
+            tls = front if listener.implicit_tls else None
             server = await loop.create_server(
-                lambda listener=listener: SmtpSession(self, listener),  # type: ignore[misc]
-                sock=sock)
+                functools.partial(SmtpSession, self, listener),
+                sock=sock, ssl=tls,
+                ssl_handshake_timeout=self.config.smtp.command_timeout if tls else None,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if tls else None)
             self._servers.append(server)
             name = sock.getsockname()
             log.logger.info("listening for SMTP (%s) on %s:%d", listener.role, name[0], name[1])
         self._sweeper = loop.create_task(self._sweep())
+
+    def _implicit_tls_context(self) -> ssl.SSLContext | None:
+        """The context implicit-TLS listeners are made with: today's, switched during each
+        handshake (``sni_callback``, which OpenSSL calls with or without SNI) to whatever
+        :attr:`tls_context` is then, so a reload's new certificate reaches these ports too."""
+        context = self.tls_context
+        if context is None:
+            return None
+
+        def current(ssl_object: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+            if self.tls_context is not None and ssl_object.context is not self.tls_context:
+                ssl_object.context = self.tls_context
+
+        context.sni_callback = current
+        return context
 
     # -- limits -------------------------------------------------------------------------------
     def admit(self, session: SmtpSession) -> Reply | None:
@@ -142,10 +169,15 @@ class SmtpServer:
         for session in list(self.sessions):
             session.shutdown()
         deadline = time.monotonic() + self.config.smtp.shutdown_grace
+        closing_since: dict[SmtpSession, float] = {}
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+            now = time.monotonic()
             for session in list(self.sessions):
                 session.shutdown()
+                # closing: it said its 421; at most the TLS goodbye is left
+                if session.closing and now - closing_since.setdefault(session, now) >= CLOSING_GRACE:
+                    session.abort()
         for session in list(self.sessions):
             session.shutdown(force=True)
         await asyncio.sleep(0.05)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from postroom import log
 from postroom.delivery.maildir import UsageUnknown
 from postroom.net.tls import describe
+from postroom.policy.authlimit import Reservation
 from postroom.receive import Client, Transaction
 from postroom.sasl import Challenge, Exchange, Failure, FailureKind, Outcome, PasswordCheck, Success
 from postroom.smtp import codes
@@ -52,6 +54,11 @@ if TYPE_CHECKING:
 _PAUSE_ABOVE = 256 * 1024
 #: Hand replies to the transport once this much is queued, so its flow control can act.
 _FLUSH_ABOVE = 16 * 1024
+
+#: How long a closing TLS connection waits for the client's close_notify (RFC 8446 6.1) before
+#: the socket is dropped. asyncio's default is 30 s: at shutdown every idle client that never
+#: answers would hold the process for that long.
+TLS_SHUTDOWN_TIMEOUT = 5.0
 
 #: The SMTP reply to each way a SASL exchange can fail (RFC 4954 4 and 6).
 _SASL_FAILURES = {
@@ -117,9 +124,25 @@ class SmtpSession(asyncio.Protocol):
             log.logger.info("connect from %s", self.client.describe())
             self._configure(address)
             if self.listener.implicit_tls:  # RFC 8314: TLS first, then the banner inside it
-                self._start_tls()
+                self._implicit_tls()
                 return
             self.conn.start()
+        self._flush()
+
+    def _implicit_tls(self) -> None:
+        """An implicit-TLS listener's connection arrives with TLS up: the server has the loop
+        do the handshake from the first byte (``SmtpServer.start``). Starting it here, with
+        start_tls, loses a race on uvloop: reading starts after connection_made returns, whatever
+        it paused, so a client's ClientHello could reach this protocol instead of TLS and the
+        handshake then hung until its timeout."""
+        transport = self.transport
+        assert transport is not None
+        if transport.get_extra_info("ssl_object") is None:  # no certificate at start-up
+            log.logger.error("no TLS certificate for the %s listener", self.listener.role)
+            transport.abort()
+            return
+        self._secured(transport)
+        self.conn.start()
         self._flush()
 
     def _configure(self, address: str) -> None:
@@ -246,74 +269,141 @@ class SmtpSession(asyncio.Protocol):
         if isinstance(event, Auth):
             return self._auth_start(event)
         if isinstance(event, AuthResponse):
-            if self._sasl is None:
+            exchange = self._sasl
+            if exchange is None:
                 return codes.BAD_SEQUENCE
-            return self._sasl_step(self._sasl.receive(event.line))
+            return self._sasl_input(lambda: exchange.receive(event.line))
         return codes.NOT_IMPLEMENTED
 
     # -- AUTH ---------------------------------------------------------------------------------
+    # The throttle is asked before every step, not once at AUTH: a client may park at the
+    # password prompt, or queue behind an argon2 slot, while other connections get the address
+    # blocked. A step that may judge a proof synchronously (SCRAM's client-final, CRAM-MD5's
+    # response, PLAIN/LOGIN's hash lookup) runs under a reservation taken in the same callback,
+    # so the block test and the count cannot be separated by another session's guess; argon2
+    # checks reserve again once their slot is free (AuthService.verify).
     def _auth_start(self, event: Auth) -> Reply | None:
         auth = self.server.auth
         if auth is None:
             return codes.NOT_IMPLEMENTED
         wait = auth.blocked(self.client.address)
         if wait > 0:
-            log.logger.warning("%s: AUTH refused: too many failed authentications (%d s left)",
-                               self.client.describe(), round(wait))
-            return Reply(421, "4.7.0", f"{self.server.hostname} Error: too many failed "
-                         "authentications; try again later")
+            return self._refuse_blocked(wait)
         exchange = auth.open(event.mechanism)
         if exchange is None:
             return codes.AUTH_MECHANISM
         self._sasl = exchange
-        return self._sasl_step(exchange.begin(event.initial_response))
+        return self._sasl_input(lambda: exchange.begin(event.initial_response))
 
-    def _sasl_step(self, outcome: Outcome) -> Reply | None:
-        """A challenge or a success is answered at once; a password check or a failure (which
-        may have to wait out a throttle delay) is finished by a task."""
-        if isinstance(outcome, Challenge):
-            return codes.challenge(outcome.text)
+    def _refuse_blocked(self, wait: float) -> Reply:
+        """421 4.7.0 (the core closes the session). Logged at info level: a refusal is not a
+        failure, and must feed no fail2ban jail (the block itself was logged once)."""
+        self._sasl = None
+        log.logger.info("%s: AUTH refused: too many failed authentications (%d s left)",
+                        self.client.describe(), round(wait))
+        return self._blocked_reply()
+
+    def _sasl_input(self, step: Callable[[], Outcome]) -> Reply | None:
+        """Feed the exchange one client message (*step*) under a reservation."""
+        auth = self.server.auth
+        assert auth is not None
+        reservation = auth.reserve(self.client.address)
+        if not reservation.granted:
+            return self._refuse_blocked(reservation.blocked_for)
+        try:
+            outcome = step()
+        except BaseException:
+            auth.release(self.client.address, reservation)
+            raise
+        return self._sasl_step(outcome, reservation)
+
+    def _sasl_step(self, outcome: Outcome, reservation: Reservation) -> Reply | None:
+        """Settle *reservation* by *outcome*. A challenge or a success is answered at once, a
+        failure once its delay is waited out, a password check by a task."""
+        auth = self.server.auth
+        exchange = self._sasl
+        assert auth is not None and exchange is not None
         if isinstance(outcome, Success):
-            return self._auth_succeeded(outcome)
-        self._pending = asyncio.get_running_loop().create_task(self._sasl_finish(outcome))
+            return self._auth_succeeded(outcome, reservation)
+        if isinstance(outcome, Challenge):  # nothing judged
+            auth.release(self.client.address, reservation)
+            return codes.challenge(outcome.text)
+        if isinstance(outcome, PasswordCheck):  # reserved again when its argon2 slot is free
+            auth.release(self.client.address, reservation)
+            self._pending = asyncio.get_running_loop().create_task(self._password_check(outcome))
+            return None
+        self._sasl = None
+        verdict = auth.record_failure(self.client.describe(), self.client.address,
+                                      exchange.mechanism.name, outcome, reservation)
+        return self._failure_reply(outcome, verdict.delay if verdict is not None else 0.0,
+                                   verdict is not None and verdict.blocked)
+
+    def _failure_reply(self, failure: Failure, delay: float, blocked: bool) -> Reply | None:
+        if blocked:
+            return self._blocked_reply()
+        reply = _SASL_FAILURES[failure.kind]
+        if delay <= 0:
+            return reply
+        self._pending = asyncio.get_running_loop().create_task(self._answer_after(delay, reply))
         return None
 
-    def _auth_succeeded(self, success: Success) -> Reply:
+    def _blocked_reply(self) -> Reply:
+        return Reply(421, "4.7.0", f"{self.server.hostname} Error: too many failed "
+                     "authentications; try again later")
+
+    async def _answer_after(self, delay: float, reply: Reply) -> None:
+        """A failure reply held back by the throttle's delay (counted already)."""
+        await asyncio.sleep(delay)
+        self._answer_later(reply)
+
+    def _auth_succeeded(self, success: Success, reservation: Reservation | None) -> Reply:
         auth = self.server.auth
         exchange, self._sasl = self._sasl, None
         assert auth is not None and exchange is not None
-        auth.succeeded(self.client.describe(), self.client.address, exchange.mechanism.name,
-                       success)
-        self.client.auth_user = success.authcid
+        # The account's address as stored, not as typed: the sender checks, the Received line
+        # and the logs name one account one way.
+        self.client.auth_user = auth.succeeded(self.client.describe(), self.client.address,
+                                               exchange.mechanism.name, success, reservation)
         self.client.auth_method = exchange.mechanism.name
         self.client.may_relay = True  # an authenticated user may send anywhere (closed relay)
         return codes.AUTH_OK
 
-    async def _sasl_finish(self, outcome: PasswordCheck | Failure) -> None:
+    def _gone(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    async def _password_check(self, check: PasswordCheck) -> None:
         auth = self.server.auth
         exchange = self._sasl
+        address = self.client.address
+        reservation: Reservation | None = None
         reply: Reply
         try:
             assert auth is not None and exchange is not None
-            while isinstance(outcome, PasswordCheck):
-                result = exchange.password_checked(await auth.verify(outcome))
-                if isinstance(result, Success):
-                    self._answer_later(self._auth_succeeded(result))
-                    return
-                if isinstance(result, Challenge):
-                    self._answer_later(codes.challenge(result.text))
-                    return
-                outcome = result
+            checked = await auth.verify(check, address, self._gone)
+            if checked.reservation is None:  # the client left while the check waited
+                self._sasl = None
+                self._pending = None
+                return
+            if not checked.reservation.granted:  # blocked while this guess waited for its slot
+                self._answer_later(self._refuse_blocked(checked.reservation.blocked_for))
+                return
+            reservation = checked.reservation  # released below if anything goes wrong
+            result = exchange.password_checked(checked.ok)
+            if not isinstance(result, Success | Failure):  # no mechanism of ours asks twice
+                raise AssertionError(f"{exchange.mechanism.name}: {type(result).__name__} "
+                                     "after a password check")
+            settled, reservation = reservation, None  # from here on, success or failure has it
+            if isinstance(result, Success):
+                self._answer_later(self._auth_succeeded(result, settled))
+                return
             self._sasl = None
-            refused = await auth.failed(self.client.describe(), self.client.address,
-                                        exchange.mechanism.name, outcome)
-            if refused:
-                reply = Reply(421, "4.7.0", f"{self.server.hostname} Error: too many failed "
-                              "authentications; try again later")
-            else:
-                reply = _SASL_FAILURES[outcome.kind]
+            refused = await auth.failed(self.client.describe(), address, exchange.mechanism.name,
+                                        result, settled)
+            reply = self._blocked_reply() if refused else _SASL_FAILURES[result.kind]
         except Exception:  # a bug costs this exchange a 454, never the connection
             log.logger.exception("error during AUTH from %s", self.client.describe())
+            if reservation is not None and auth is not None:
+                auth.release(address, reservation)
             self._sasl = None
             reply = codes.AUTH_UNAVAILABLE
         self._answer_later(reply)
@@ -380,7 +470,7 @@ class SmtpSession(asyncio.Protocol):
         context = self.server.tls_context
         if transport is None or transport.is_closing():
             return
-        if context is None:  # implicit TLS without a certificate: nothing sensible to say
+        if context is None:  # reloaded without a certificate: nothing sensible to say
             log.logger.error("no TLS certificate for the %s listener", self.listener.role)
             transport.abort()
             return
@@ -389,12 +479,12 @@ class SmtpSession(asyncio.Protocol):
         self._pending = asyncio.get_running_loop().create_task(self._handshake(transport, context))
 
     async def _handshake(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
-        """STARTTLS after our 220, or the first thing on an implicit-TLS port; the banner of
-        an implicit-TLS session goes out inside TLS once the handshake is done."""
+        """STARTTLS after our 220 (implicit TLS is the listener's, see _implicit_tls)."""
         loop = asyncio.get_running_loop()
         try:
             secure = await loop.start_tls(transport, self, context, server_side=True,
-                                          ssl_handshake_timeout=self.server.config.smtp.command_timeout)
+                                          ssl_handshake_timeout=self.server.config.smtp.command_timeout,
+                                          ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.logger.info("TLS handshake failed from %s: %s", self.client.describe(), exc)
             self._pending = self._early = None
@@ -404,6 +494,14 @@ class SmtpSession(asyncio.Protocol):
         early, self._early = self._early, None
         if secure is None:  # the connection went away during the handshake
             return
+        self._secured(secure)
+        if early:
+            self.conn.receive_data(bytes(early))
+        self.last_activity = time.monotonic()
+        self._pump()
+
+    def _secured(self, secure: asyncio.Transport) -> None:
+        """TLS is up on *secure*; whatever was said before it is forgotten (RFC 3207 4.2)."""
         self.transport = secure
         self.client.tls = describe(secure.get_extra_info("ssl_object"))
         self.client.helo = ""
@@ -412,12 +510,6 @@ class SmtpSession(asyncio.Protocol):
         self._sasl = None
         log.logger.info("TLS established from %s: %s", self.client.describe(), self.client.tls)
         self.conn.tls_established()
-        if self.listener.implicit_tls:
-            self.conn.start()
-        if early:
-            self.conn.receive_data(bytes(early))
-        self.last_activity = time.monotonic()
-        self._pump()
 
     def _drop_transaction(self) -> None:
         if self.txn is not None:
@@ -435,6 +527,12 @@ class SmtpSession(asyncio.Protocol):
             transport.close()
 
     # -- called by the server -----------------------------------------------------------------
+    @property
+    def closing(self) -> bool:
+        """The transport is closing: the session has said its last word (a TLS session may still
+        wait for the client's close_notify, for up to :data:`TLS_SHUTDOWN_TIMEOUT`)."""
+        return self.transport is not None and self.transport.is_closing()
+
     @property
     def busy(self) -> bool:
         """In a transaction or waiting for the spool: let it finish on shutdown."""

@@ -17,18 +17,32 @@ What it does (issue 3, item 4):
   address's: an attacker holding one valid account must not wash their address clean by logging
   in to it).
 
-How the transport uses it (SMTP AUTH now, POP3 and IMAP later), with ``now = time.monotonic()``:
+How the transport uses it (SMTP AUTH, POP3, later IMAP), with ``now = time.monotonic()``:
 
-1. Before looking at the credentials, ``throttle.check(ip, now)``. If ``not verdict.allowed``,
-   answer ``421 4.7.0`` and close, *whatever the password*: checking it first would let a blocked
-   client keep guessing and learn the right password from the answer.
-2. Wrong password: ``verdict = throttle.failure(ip, account, now)`` first, then
+1. Right before *every* look at the credentials (each password check, each SCRAM or CRAM-MD5
+   proof, not once when AUTH starts), ``attempt = throttle.reserve(ip, now)``. If
+   ``not attempt.granted``, the address is blocked: answer ``421 4.7.0`` and close, *whatever the
+   password*; checking it anyway would let a blocked client keep guessing and learn the right
+   password from the answer. A client parked at a password prompt, or one of many parallel
+   connections queued for an argon2 slot, asks at its turn, not when its exchange began.
+2. Wrong password: ``verdict = throttle.failure(ip, account, now, attempt)`` first, then
    ``await asyncio.sleep(verdict.delay)``, then the failure reply (``535 5.7.8``, RFC 4954 6).
    Recording before sleeping matters: a client that hangs up during the delay to try again on a
    fresh connection has still been counted. If ``verdict.blocked``, send ``421 4.7.0`` at once
    and close instead (``delay`` is then 0: nothing is gained by holding a connection we are about
    to drop).
-3. Right password: ``throttle.success(ip, account, now)``, and answer ``235`` at once.
+3. Right password: ``throttle.success(ip, account, now, attempt)``, and answer ``235`` at once.
+4. Nothing was judged (the step only produced a challenge, the client left, our store failed):
+   ``throttle.release(ip, attempt, now)``.
+
+**Reservations.** :meth:`~AuthThrottle.reserve` counts the attempt as a failure *before* the
+check, atomically with the block test, and a success or a release gives it back. So attempts in
+flight count: thirty parallel guesses from one address cannot all pass the test before the first
+of them is recorded; exactly ``ip_max_failures`` are let through and the one that reaches the limit
+sets the block (it is still checked: the limit is "blocked *at* the tenth failure"). A success
+gives the count back and lifts the block its reservation set (unless something else has since
+renewed it). A reservation whose process dies before settling it is never given back; it decays
+like any failure.
 
 The delay slows one connection, not an attacker: a client may open several connections at once,
 or give up waiting and reconnect. The count, shared by every connection and every worker, is what
@@ -93,6 +107,12 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
+
+from postroom.accounts.store import address_key
+
+#: Longer names are no address (RFC 5321 4.5.3.1: local part 64, "@", domain 255): counted as
+#: typed, without parsing.
+MAX_ACCOUNT_CHARS = 320
 
 #: A decayed score below this is taken as zero: the key is forgotten.
 FORGET_BELOW = 0.01
@@ -248,18 +268,60 @@ class Verdict:
         return not self.blocked
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """One attempt counted before its credentials are checked (:meth:`AuthThrottle.reserve`).
+
+    Settle it exactly once: :meth:`AuthThrottle.failure` (wrong), :meth:`AuthThrottle.success`
+    (right) or :meth:`AuthThrottle.release` (nothing was judged). A refused reservation
+    (``granted`` false) counted nothing and needs no settling.
+    """
+
+    granted: bool
+    """The address was not blocked: the attempt was counted and may be checked."""
+
+    blocked_for: float = 0.0
+    """Refused: seconds the address stays blocked. Granted: seconds of the block this attempt set
+    by reaching the limit (0 when it set none)."""
+
+    stamp: float = 0.0
+    """When the attempt was counted (its weight decays from then)."""
+
+    set_until: float = 0.0
+    """The ``blocked until`` this attempt wrote, 0 when it wrote none; a release lifts the block
+    only while it still reads this value."""
+
+    previous_until: tuple[float, ...] = ()
+    """What ``blocked until`` read, per slot, before this attempt wrote it (restored on release)."""
+
+    ip_failures: float = 0.0
+    """The address's decayed count, this attempt included when granted."""
+
+
 class AuthThrottle(Protocol):
     """Counts authentication failures; ``now`` is ``time.monotonic()`` in every process."""
 
     def check(self, ip: str, now: float) -> Verdict:
-        """May the client at *ip* try to authenticate now? Ask before checking credentials."""
+        """Is the client at *ip* blocked now? A look that counts nothing (for logs, for refusing
+        early); the decision to check credentials is :meth:`reserve`'s."""
 
-    def failure(self, ip: str, account: str, now: float) -> Verdict:
+    def reserve(self, ip: str, now: float) -> Reservation:
+        """Right before checking credentials: refused while *ip* is blocked; otherwise the attempt
+        is counted now (it may set the block, and is still granted) and must be settled."""
+
+    def failure(self, ip: str, account: str, now: float,
+                reservation: Reservation | None = None) -> Verdict:
         """Record one failed authentication by *ip* for *account* (``""`` when no account name was
-        given or it could not be parsed: then only the address counts)."""
+        given or it could not be parsed: then only the address counts). With a granted
+        *reservation* the address was counted already: only the account is added."""
 
-    def success(self, ip: str, account: str, now: float) -> None:
-        """Record a successful authentication: clears the account's count, not the address's."""
+    def success(self, ip: str, account: str, now: float,
+                reservation: Reservation | None = None) -> None:
+        """Record a successful authentication: clears the account's count, not the address's;
+        gives a granted *reservation* back (:meth:`release`)."""
+
+    def release(self, ip: str, reservation: Reservation, now: float) -> None:
+        """Give a granted reservation back: its count, and the block it set if nothing renewed it."""
 
 
 def ip_key(address: str) -> str:
@@ -286,9 +348,16 @@ def ip_key(address: str) -> str:
 
 
 def account_key(account: str) -> str:
-    """The key *account* is counted under: trimmed and lower case, so ``Alice@Example.ORG`` and
-    ``alice@example.org`` share one count. Merging two names can only make a count stricter."""
-    return account.strip().lower()
+    """The key *account* is counted under: the accounts store's lookup key for an address
+    (:func:`postroom.accounts.store.address_key`: local part case-folded, domain canonical, so
+    ``Alice@Example.ORG``, ``alice@example.org.`` and ``alice@xn--...`` share one count with the
+    account they log in to), else the name trimmed and case-folded. Merging two names can only
+    make a count stricter."""
+    name = account.strip()
+    local, at, domain = name.rpartition("@")
+    if not at or len(name) > MAX_ACCOUNT_CHARS:  # not an address; too long to be one
+        return name.casefold()
+    return address_key(local, domain)
 
 
 def _decayed(score: float, stamp: float, now: float, half_life: float) -> float:
@@ -360,16 +429,50 @@ class LocalThrottle:
             score = _decayed(cell.score, cell.stamp, now, self.settings.ip_half_life)
             return Verdict(blocked_for=max(0.0, cell.blocked_until - now), ip_failures=score)
 
-    def failure(self, ip: str, account: str, now: float) -> Verdict:
+    def reserve(self, ip: str, now: float) -> Reservation:
+        s = self.settings
+        key = _digest(ip_key(ip))
+        with self._lock:
+            cell = self._ips.get(key)
+            if cell is not None and cell.blocked_until > now:
+                return Reservation(False, blocked_for=cell.blocked_until - now,
+                                   ip_failures=_decayed(cell.score, cell.stamp, now, s.ip_half_life))
+            cell = self._touch(self._ips, key, now, s.ip_half_life)
+            cell.score += 1.0
+            previous, set_until = cell.blocked_until, 0.0
+            if cell.score >= s.ip_max_failures - _BLOCK_SLACK:
+                cell.blocked_until = set_until = now + s.block_seconds
+            return Reservation(True, blocked_for=s.block_seconds if set_until else 0.0, stamp=now,
+                               set_until=set_until, previous_until=(previous,), ip_failures=cell.score)
+
+    def release(self, ip: str, reservation: Reservation, now: float) -> None:
+        if not reservation.granted:
+            return
+        s = self.settings
+        key = _digest(ip_key(ip))
+        with self._lock:
+            cell = self._ips.get(key)
+            if cell is None:  # evicted meanwhile: nothing left to give back
+                return
+            _give_back(cell, reservation, 0, now, s.ip_half_life)
+
+    def failure(self, ip: str, account: str, now: float,
+                reservation: Reservation | None = None) -> Verdict:
         s = self.settings
         ikey = _digest(ip_key(ip))
         name = account_key(account)
         with self._lock:
+            reserved = reservation is not None and reservation.granted and ikey in self._ips
             cell = self._touch(self._ips, ikey, now, s.ip_half_life)
-            was_blocked = cell.blocked_until > now
-            cell.score += 1.0
-            if cell.score >= s.ip_max_failures - _BLOCK_SLACK:
-                cell.blocked_until = max(cell.blocked_until, now + s.block_seconds)
+            if reserved and reservation is not None:
+                # counted (and the block, if any, set) by reserve(): the block is "just" new
+                # when this attempt set it
+                was_blocked = not reservation.set_until
+            else:
+                was_blocked = cell.blocked_until > now
+                cell.score += 1.0
+                if cell.score >= s.ip_max_failures - _BLOCK_SLACK:
+                    cell.blocked_until = max(cell.blocked_until, now + s.block_seconds)
             ip_score, blocked_until = cell.score, cell.blocked_until
             account_score = 0.0
             if name:
@@ -378,11 +481,29 @@ class LocalThrottle:
                 account_score = acell.score
         return _verdict(s, ip_score, account_score, blocked_until, was_blocked, now)
 
-    def success(self, ip: str, account: str, now: float) -> None:
+    def success(self, ip: str, account: str, now: float,
+                reservation: Reservation | None = None) -> None:
+        if reservation is not None:
+            self.release(ip, reservation, now)
         name = account_key(account)
         if name:
             with self._lock:
                 self._accounts.pop(_digest(name), None)
+
+
+def _weight(reservation: Reservation, now: float, half_life: float) -> float:
+    """What the 1 a reservation added at its stamp is worth at *now*."""
+    return math.pow(0.5, max(0.0, now - reservation.stamp) / half_life)
+
+
+def _give_back(cell: _Cell, reservation: Reservation, index: int, now: float,
+               half_life: float) -> None:
+    """Take a reservation's count out of *cell* and lift the block it set, if still its own."""
+    score = _decayed(cell.score, cell.stamp, now, half_life) - _weight(reservation, now, half_life)
+    cell.score = score if score >= FORGET_BELOW else 0.0
+    cell.stamp = max(cell.stamp, now)
+    if reservation.set_until and cell.blocked_until == reservation.set_until:
+        cell.blocked_until = reservation.previous_until[index]
 
 
 def _verdict(s: ThrottleSettings, ip_score: float, account_score: float, blocked_until: float,
@@ -469,20 +590,64 @@ class SharedThrottle:
         blocked_until = min(until for _, until, _ in seen)
         return Verdict(blocked_for=max(0.0, blocked_until - now), ip_failures=score)
 
-    def failure(self, ip: str, account: str, now: float) -> Verdict:
+    def reserve(self, ip: str, now: float) -> Reservation:
+        s = self.settings
+        owner, offsets = self._locate(ip_key(ip), 0)
+        with self._lock:
+            seen = [self._read(offset, now, s.ip_half_life) for offset in offsets]
+            blocked_until = min(until for _, until, _ in seen)
+            if blocked_until > now:
+                return Reservation(False, blocked_for=blocked_until - now,
+                                   ip_failures=min(score for score, _, _ in seen))
+            previous = tuple(until for _, until, _ in seen)
+            score = min(self._add(offset, owner, now, s.ip_half_life)[0] for offset in offsets)
+            set_until = 0.0
+            if score >= s.ip_max_failures - _BLOCK_SLACK:
+                set_until = now + s.block_seconds
+                for offset in offsets:
+                    self._block(offset, set_until)
+        return Reservation(True, blocked_for=s.block_seconds if set_until else 0.0, stamp=now,
+                           set_until=set_until, previous_until=previous, ip_failures=score)
+
+    def release(self, ip: str, reservation: Reservation, now: float) -> None:
+        if not reservation.granted:
+            return
+        half_life = self.settings.ip_half_life
+        weight = _weight(reservation, now, half_life)
+        _, offsets = self._locate(ip_key(ip), 0)
+        with self._lock:
+            for index, offset in enumerate(offsets):
+                score, stamp, blocked_until, owner = _SLOT.unpack_from(self._map, offset)
+                score = _decayed(score, stamp, now, half_life) - weight
+                if score < FORGET_BELOW:
+                    score = 0.0
+                # Only the block this reservation wrote, still unchanged, is lifted: a slot
+                # shared with a key blocked since keeps that key's block.
+                if reservation.set_until and blocked_until == reservation.set_until:
+                    blocked_until = reservation.previous_until[index]
+                _SLOT.pack_into(self._map, offset, score, max(stamp, now), blocked_until, owner)
+
+    def failure(self, ip: str, account: str, now: float,
+                reservation: Reservation | None = None) -> Verdict:
         s = self.settings
         ip_owner, ip_offsets = self._locate(ip_key(ip), 0)
         name = account_key(account)
         account_slots = self._locate(name, 1) if name else None
         with self._lock:
-            added = [self._add(offset, ip_owner, now, s.ip_half_life) for offset in ip_offsets]
-            ip_score = min(score for score, _ in added)
-            blocked_until = min(until for _, until in added)
-            was_blocked = blocked_until > now
-            if ip_score >= s.ip_max_failures - _BLOCK_SLACK:
-                for offset in ip_offsets:
-                    self._block(offset, now + s.block_seconds)
-                blocked_until = max(blocked_until, now + s.block_seconds)
+            if reservation is not None and reservation.granted:  # counted by reserve() already
+                seen = [self._read(offset, now, s.ip_half_life) for offset in ip_offsets]
+                ip_score = min(score for score, _, _ in seen)
+                blocked_until = min(until for _, until, _ in seen)
+                was_blocked = not reservation.set_until
+            else:
+                added = [self._add(offset, ip_owner, now, s.ip_half_life) for offset in ip_offsets]
+                ip_score = min(score for score, _ in added)
+                blocked_until = min(until for _, until in added)
+                was_blocked = blocked_until > now
+                if ip_score >= s.ip_max_failures - _BLOCK_SLACK:
+                    for offset in ip_offsets:
+                        self._block(offset, now + s.block_seconds)
+                    blocked_until = max(blocked_until, now + s.block_seconds)
             account_score = 0.0
             if account_slots is not None:
                 owner, offsets = account_slots
@@ -491,7 +656,10 @@ class SharedThrottle:
                 )
         return _verdict(s, ip_score, account_score, blocked_until, was_blocked, now)
 
-    def success(self, ip: str, account: str, now: float) -> None:
+    def success(self, ip: str, account: str, now: float,
+                reservation: Reservation | None = None) -> None:
+        if reservation is not None:
+            self.release(ip, reservation, now)
         name = account_key(account)
         if not name:
             return
