@@ -44,7 +44,7 @@ async def running(tmp_path: Path, disk: Disk, role: str = "mx") -> AsyncIterator
     """The server's parts on this test's event loop (plain asyncio, not uvloop)."""
     cfg = config_mod.from_dict({
         "server": {"hostname": "mx.test.example", "data_dir": str(tmp_path / "data")},
-        "listener": [{"address": "127.0.0.1:0", "role": role, "auth": False}],
+        "listener": [{"address": "127.0.0.1:0", "role": role}],
         "passwords": {"time_cost": 1, "memory_cost_kib": 8, "parallelism": 1},
         "relay": {"trusted_networks": ["127.0.0.0/8"]},
     })

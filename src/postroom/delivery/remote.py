@@ -192,7 +192,7 @@ class RemoteSettings:
     auth_without_tls: bool = False  # allow AUTH in plaintext (only for a trusted network)
     cache_idle: float = 5.0  # seconds an idle connection is kept; 0 turns reuse off
     cache_max_age: float = 300.0  # no reuse of a connection older than this
-    cache_max: int = 32  # idle connections kept at most
+    cache_max: int = 64  # idle connections kept at most, all destinations together
 
     def client(self) -> ClientSettings:
         return ClientSettings(self.helo_name, self.timeouts, self.pipelining, self.chunking)
@@ -317,44 +317,53 @@ class OutboundSession(asyncio.Protocol):
 class ConnectionCache:
     """Idle connections for reuse, by address (``OutboundSession.key``) and by next hop.
 
-    A connection waits at most ``idle`` seconds, and none is reused once ``max_age`` old
-    (Postfix smtp_connection_cache_time_limit and smtp_connection_reuse_time_limit).
+    Several connections may wait per address (parallel deliveries to one destination each
+    hand theirs back), up to ``max_size`` in all; the oldest idle one goes first when full. A
+    connection waits at most ``idle`` seconds, and none is reused once ``max_age`` old (Postfix
+    smtp_connection_cache_time_limit and smtp_connection_reuse_time_limit).
     """
 
-    def __init__(self, idle: float = 5.0, max_age: float = 300.0, max_size: int = 32) -> None:
+    def __init__(self, idle: float = 5.0, max_age: float = 300.0, max_size: int = 64) -> None:
         self.idle = idle
         self.max_age = max_age
         self.max_size = max_size
-        self._idle: dict[tuple[object, ...], tuple[OutboundSession, asyncio.TimerHandle]] = {}
+        #: key -> idle sessions (the most recently used last), each with its expiry timer
+        self._idle: dict[tuple[object, ...], list[tuple[OutboundSession, asyncio.TimerHandle]]] = {}
+        self._count = 0
         self._by_hop: dict[str, tuple[object, ...]] = {}
         self.reused = 0
 
     def __len__(self) -> int:
-        return len(self._idle)
+        return self._count
 
     def put(self, hop: str, session: OutboundSession) -> None:
         loop = asyncio.get_running_loop()
         too_old = loop.time() - session.created >= self.max_age
-        if self.idle <= 0 or too_old or not session.usable or session.key in self._idle:
+        if self.idle <= 0 or too_old or not session.usable:
             session.close()
             return
-        if len(self._idle) >= self.max_size:
-            oldest = next(iter(self._idle))
+        if self._count >= self.max_size:
+            oldest = min((entries[0][0] for entries in self._idle.values() if entries),
+                         key=lambda s: s.created)
             self._drop(oldest)
-        handle = loop.call_later(self.idle, self._drop, session.key)
-        self._idle[session.key] = (session, handle)
+        handle = loop.call_later(self.idle, self._drop, session)
+        self._idle.setdefault(session.key, []).append((session, handle))
+        self._count += 1
         self._by_hop[hop] = session.key
 
     def take(self, key: tuple[object, ...]) -> OutboundSession | None:
-        entry = self._idle.pop(key, None)
-        if entry is None:
-            return None
-        session, handle = entry
-        handle.cancel()
-        if not session.usable:
+        entries = self._idle.get(key)
+        while entries:
+            session, handle = entries.pop()
+            self._count -= 1
+            handle.cancel()
+            if session.usable:
+                if not entries:
+                    del self._idle[key]
+                return session
             session.close(polite=False)
-            return None
-        return session
+        self._idle.pop(key, None)
+        return None
 
     def take_for_hop(self, hop: str, policy: TlsPolicy, auth_user: str | None) -> OutboundSession | None:
         key = self._by_hop.get(hop)
@@ -362,18 +371,26 @@ class ConnectionCache:
             return None
         return self.take(key)
 
-    def _drop(self, key: tuple[object, ...]) -> OutboundSession | None:
-        entry = self._idle.pop(key, None)
-        if entry is None:
+    def _drop(self, session: OutboundSession) -> OutboundSession | None:
+        entries = self._idle.get(session.key)
+        if not entries:
             return None
-        entry[1].cancel()
-        entry[0].close()
-        return entry[0]
+        for i, (idle, handle) in enumerate(entries):
+            if idle is session:
+                del entries[i]
+                self._count -= 1
+                if not entries:
+                    del self._idle[session.key]
+                handle.cancel()
+                session.close()
+                return session
+        return None
 
     async def close(self) -> None:
         """QUIT every idle connection and wait (a little) until they are closed: a TLS
         connection needs a few round trips of the loop for its close_notify."""
-        sessions = [s for s in (self._drop(key) for key in list(self._idle)) if s is not None]
+        idle = [session for entries in self._idle.values() for session, _ in entries]
+        sessions = [s for s in (self._drop(session) for session in idle) if s is not None]
         self._by_hop.clear()
         waiting = [s.lost for s in sessions if not s.lost.done()]
         if waiting:

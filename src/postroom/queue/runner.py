@@ -160,6 +160,7 @@ class QueueRunner:
         self._destinations: dict[str, asyncio.Semaphore] = {}
         self._dead: dict[str, tuple[float, str]] = {}  # domain -> (until, why)
         self._locks: dict[str, list[Any]] = {}  # queue id -> [its lock, users], while in use
+        self._next_due: float | None = None  # the soonest retry known since the last scan
         #: Read afresh on every use: assign a new Config to reload (SIGHUP).
         self.config = config
         self._clock = clock
@@ -167,7 +168,7 @@ class QueueRunner:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        spool.on_queued = self.wake  # the spool queued something: scan now
+        spool.on_queued = self.queued  # the spool queued a message: work on it now
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -203,12 +204,16 @@ class QueueRunner:
         while not self._stopping:
             self._wake.clear()
             earliest: float | None = None
+            self._next_due = None
             try:
                 earliest, _ = await self._scan()
             except Exception:
                 logger.exception("queue run failed")
             if self._stopping:
                 return
+            if self._next_due is not None and (earliest is None or self._next_due < earliest):
+                earliest = self._next_due
+            self._next_due = earliest
             delay = self.config.queue.scan_interval
             if earliest is not None:
                 delay = min(delay, max(MIN_SLEEP, earliest - self._clock()))
@@ -245,13 +250,23 @@ class QueueRunner:
                 ):
                     earliest = recipient.next_attempt
             if due or finished(envelope) or any(map(owes_failure_notice, envelope.recipients)):
-                queue_id = envelope.queue_id
-                task = asyncio.create_task(self._guarded(gate, envelope, path, due, now))
-                self._inflight.add(queue_id)
-                self._tasks.add(task)
-                task.add_done_callback(lambda t, q=queue_id: self._done(t, q))  # type: ignore[misc]
-                work.append(task)
+                work.append(self._launch(gate, envelope.queue_id, path, now))
         return earliest, work
+
+    def queued(self, queue_id: str, path: Path) -> None:
+        """The spool just queued this message: work on it without reading the whole queue
+        (a rescan per accepted message would cost O(queue) each under load)."""
+        if self._task is None or self._stopping or queue_id in self._inflight:
+            return
+        self._launch(self._gate, queue_id, path, self._clock())
+
+    def _launch(self, gate: asyncio.Semaphore, queue_id: str, path: Path,
+                now: float) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._guarded(gate, queue_id, path, now))
+        self._inflight.add(queue_id)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._done(t, queue_id))
+        return task
 
     @contextlib.asynccontextmanager
     async def message_lock(self, queue_id: str) -> AsyncIterator[None]:
@@ -272,22 +287,21 @@ class QueueRunner:
     def _done(self, task: asyncio.Task[None], queue_id: str) -> None:
         self._tasks.discard(task)
         self._inflight.discard(queue_id)
-        if not self._stopping:
-            self._wake.set()  # its next attempt may be due sooner than the scan planned
 
-    async def _guarded(
-        self,
-        gate: asyncio.Semaphore,
-        envelope: Envelope,
-        path: Path,
-        due: list[Recipient],
-        now: float,
-    ) -> None:
+    def _due_at(self, when: float) -> None:
+        """A recipient is next due at *when*: make sure the main loop wakes by then (without a
+        rescan now: a message that finishes must not make the whole queue be read again)."""
+        if self._next_due is None or when < self._next_due:
+            self._next_due = when
+            self._wake.set()
+
+    async def _guarded(self, gate: asyncio.Semaphore, queue_id: str, path: Path,
+                       now: float) -> None:
         async with gate:
             if self._stopping:
                 return  # not started: the next run takes it
             try:
-                async with self.message_lock(envelope.queue_id):
+                async with self.message_lock(queue_id):
                     # The scan's copy may be stale: an operator may have held, deleted or
                     # flushed the message meanwhile (queue tools take this lock too).
                     try:
@@ -301,12 +315,13 @@ class QueueRunner:
                     if due or finished(envelope) or any(
                             map(owes_failure_notice, envelope.recipients)):
                         await self._process(envelope, path, due, now)
+                    waiting = [r.next_attempt for r in envelope.recipients if _waiting(r)]
+                    if waiting:
+                        self._due_at(min(waiting))
             except StorageError as exc:
-                log.event(
-                    envelope.queue_id, logging.WARNING, status="queue error", status_detail=str(exc)
-                )
+                log.event(queue_id, logging.WARNING, status="queue error", status_detail=str(exc))
             except Exception:
-                logger.exception("%s: queue run failed for this message", envelope.queue_id)
+                logger.exception("%s: queue run failed for this message", queue_id)
 
     async def _process(
         self, envelope: Envelope, path: Path, due: list[Recipient], now: float
