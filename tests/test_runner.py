@@ -27,6 +27,7 @@ from postroom.queue.envelope import Envelope, Recipient, RecipientState
 from postroom.queue.runner import (
     ATTEMPT_UNDER_WAY,
     NO_RELAY,
+    QueuedMessage,
     QueueRunner,
     backoff_delay,
 )
@@ -450,3 +451,24 @@ def test_stop_lets_the_delivery_in_flight_finish_and_record(tmp_path: Path) -> N
     asyncio.run(main())
     assert len(new_files(alice)) == 1
     assert not path.exists()  # delivered and recorded: nothing left to deliver again
+
+
+def test_a_delivery_reads_the_message_it_opened_while_the_envelope_is_rewritten(
+    tmp_path: Path, committer: Committer
+) -> None:
+    """The runner saves outcomes of one message's other transactions while a delivery reads
+    it: the reader keeps the file it opened, whose envelope line it skipped."""
+    spool, _ = make(tmp_path, committer, Clock(NOW))
+    rcpt = Recipient("carol@example.net", RemoteDelivery("carol@example.net"))
+    path = queue_message(spool, committer, rcpt)
+    source = QueuedMessage(path)
+    try:
+        env = read_envelope(path)
+        env.recipients[0].last_error = "x" * 5000  # a much longer envelope line
+        committer.run_now(lambda ds: spool.update_envelope(path, env, ds))
+        assert len(path.read_bytes().split(b"\n", 1)[0]) > 5000
+        for _ in range(2):  # every attempt starts over
+            assert b"".join(source.chunks(7)) == PREPEND + CONTENT
+        assert source.size == len(PREPEND + CONTENT)
+    finally:
+        source.close()

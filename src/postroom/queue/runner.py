@@ -34,9 +34,10 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from typing import Any
 from postroom import log
 from postroom.config import Config
 from postroom.delivery.maildir import delivery_headers, size_from_name, write_message
-from postroom.delivery.remote import AttemptResult, FileSource, RecipientResult, RemoteDeliverer
+from postroom.delivery.remote import AttemptResult, RecipientResult, RemoteDeliverer
 from postroom.errors import StorageError
 from postroom.message.dsn import Action, DsnKind, wants
 from postroom.policy.routes import LocalDelivery, RemoteDelivery
@@ -403,19 +404,23 @@ class QueueRunner:
             return
         semaphore = self._destinations.setdefault(
             domain, asyncio.Semaphore(self.config.outbound.max_per_destination))
-        offset, utf8_headers = await asyncio.to_thread(_message_facts, path, envelope.smtputf8)
-        outbound = OutboundEnvelope(
-            sender=envelope.sender,
-            recipients=tuple(OutboundRecipient(r.address, r.notify, r.orcpt) for r in recipients),
-            body=envelope.body_type,
-            smtputf8=envelope.smtputf8,
-            utf8_headers=utf8_headers,
-            ret=envelope.ret,
-            envid=envelope.envid,
-        )
         async with semaphore:  # waiting here is not an attempt yet
-            await self._begin(work, recipients)
-            attempt = await deliverer.deliver(domain, outbound, FileSource(path, offset))
+            source = await asyncio.to_thread(QueuedMessage, path)
+            try:
+                outbound = OutboundEnvelope(
+                    sender=envelope.sender,
+                    recipients=tuple(OutboundRecipient(r.address, r.notify, r.orcpt)
+                                     for r in recipients),
+                    body=envelope.body_type,
+                    smtputf8=envelope.smtputf8,
+                    utf8_headers=envelope.smtputf8 and not source.head.isascii(),
+                    ret=envelope.ret,
+                    envid=envelope.envid,
+                )
+                await self._begin(work, recipients)
+                attempt = await deliverer.deliver(domain, outbound, source)
+            finally:
+                source.close()
         results = attempt.recipients
         unreachable = all(r.local and r.stage is Stage.CONNECT and r.verdict is Verdict.TEMPORARY
                           for r in results)
@@ -552,15 +557,42 @@ def _waiting(recipient: Recipient) -> bool:
     return recipient.state in (RecipientState.PENDING, RecipientState.DEFERRED)
 
 
-def _message_facts(path: Path, smtputf8: bool) -> tuple[int, bool]:
-    """Where the message starts in a queue file (after the envelope line), and whether its
-    header section holds UTF-8 (then it needs SMTPUTF8 on the way, RFC 6532)."""
-    with open(path, "rb") as fh:
-        line = fh.readline(MAX_ENVELOPE_LINE)
-        if not line.endswith(b"\n"):
-            raise StorageError(f"{path}: no envelope line")
-        if not smtputf8:
-            return len(line), False
-        head = fh.read(256 * 1024)
-        end = head.find(b"\r\n\r\n")
-        return len(line), not head[: end if end >= 0 else len(head)].isascii()
+class QueuedMessage:
+    """The message of a queue file as the SMTP client reads it (``delivery.remote``'s
+    MessageSource), from one open file descriptor: the runner rewrites the queue file (a new
+    file renamed over the old) while a delivery reads it, and the descriptor keeps the version
+    whose envelope line it skipped. Read with ``pread``, so every attempt starts over."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            line = os.pread(self._fd, MAX_ENVELOPE_LINE, 0).split(b"\n", 1)[0]
+            if len(line) >= MAX_ENVELOPE_LINE:
+                raise StorageError(f"{path}: no envelope line")
+            self._start = len(line) + 1
+            self._end = os.fstat(self._fd).st_size
+            head = os.pread(self._fd, 256 * 1024, self._start)
+            end = head.find(b"\r\n\r\n")
+            #: The header section (at most its first 256 KB): does it need SMTPUTF8?
+            self.head = head[: end if end >= 0 else len(head)]
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    @property
+    def size(self) -> int:
+        return self._end - self._start
+
+    def chunks(self, chunk_size: int) -> Iterator[bytes]:
+        offset = self._start
+        while offset < self._end:
+            block = os.pread(self._fd, min(chunk_size, self._end - offset), offset)
+            if not block:
+                return
+            offset += len(block)
+            yield block
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
