@@ -374,3 +374,60 @@ scan_interval = 0.5
     finally:
         sender.stop()
         receiver.stop()
+
+
+def test_notify_success_for_local_and_for_a_relay_without_dsn(net: Net) -> None:
+    """RFC 3461: NOTIFY=SUCCESS gets a "delivered" notice for a local mailbox, and "relayed"
+    when the next hop does not take DSN (the Greylister offers no DSN); no notice when the next
+    hop took NOTIFY itself (another postroom offers DSN)."""
+    grey = Greylister(("127.0.0.3", net.port))
+    grey.seen.add("<dave@grey.test>")  # no greylisting for this one
+    thread = threading.Thread(target=grey.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        body = (b"From: alice@example.com\r\nSubject: tell me\r\nMessage-ID: <tell@test>\r\n"
+                b"\r\nplease confirm\r\n")
+        with smtplib.SMTP("127.0.0.1", net.sender.port, local_hostname="c.test",
+                          timeout=15) as client:
+            client.sendmail("alice@example.com",
+                            ["bob@example.com", "dave@grey.test", "carol@remote.test"], body,
+                            rcpt_options=["NOTIFY=SUCCESS"])
+        notices = wait_bounce(net.sender, "alice@example.com", count=2)
+        actions = {}
+        for notice in notices:
+            assert notice["Subject"] == "Successful Mail Delivery Report"
+            _, groups = report(notice)
+            for group in groups:
+                actions[group["Final-Recipient"]] = (group["Action"], group["Status"])
+        assert actions == {"rfc822; bob@example.com": ("delivered", "2.0.0"),
+                           "rfc822; dave@grey.test": ("relayed", "2.0.0")}
+        net.receiver.wait_for(lambda: net.receiver.messages("carol@remote.test"))
+        time.sleep(1.0)  # a notice for carol would have come by now
+        assert len(net.sender.messages("alice@example.com")) == 2
+        # the next hop was asked to report, as RFC 3461 4.1 wants
+        [raw] = net.receiver.messages("carol@remote.test")
+        assert parse(raw)["Subject"] == "tell me"
+    finally:
+        grey.shutdown()
+        grey.server_close()
+
+
+def test_delay_warning_once(tmp_path: Path) -> None:
+    port = free_port()
+    with serve_dns(ZONE) as dns:
+        config = sender_config(dns.port, port).replace(
+            "scan_interval = 0.5", "scan_interval = 0.5\ndelay_warning = 1.0")
+        sender = make_server(tmp_path, config)
+        sender.start()
+        try:
+            send(sender, "alice@example.com", "eve@down.test", subject="slow")
+            [notice] = wait_bounce(sender, "alice@example.com")
+            assert notice["Subject"] == "Delayed Mail (still being retried)"
+            _, [group] = report(notice)
+            assert group["Action"] == "delayed" and group["Status"].startswith("4.")
+            assert "Will-Retry-Until" in group
+            time.sleep(3.0)  # more retries, no second notice
+            assert len(sender.messages("alice@example.com")) == 1
+            assert "sender delay notification:" in sender.log()
+        finally:
+            sender.stop()

@@ -248,7 +248,7 @@ class Daemon:
                             double_bounces=config.queue.double_bounce_to_postmaster,
                             delay_warnings=config.queue.delay_warning > 0)
         runner = QueueRunner(spool, committer, config, deliverer=deliverer, notifier=notifier)
-        receiver = Receiver(receive_settings(config), router, spool)
+        receiver = Receiver(receive_settings(config), router, spool, notifier)
         auth = None if self.logins is None else auth_service(config, accounts, self.logins)
         server = SmtpServer(config, receiver, self.counts, self.tls_context, auth)
         pop3_sockets = [(sock, lst) for sock, lst in self.sockets if not lst.smtp]

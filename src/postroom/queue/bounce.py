@@ -64,12 +64,14 @@ class Notifier:
         self.double_bounces = double_bounces
         self.delay_warnings = delay_warnings
 
-    async def notify(self, envelope: Envelope, path: Path, kind: DsnKind,
+    async def notify(self, envelope: Envelope, path: Path | bytes, kind: DsnKind,
                      recipients: Sequence[tuple[Recipient, Action]],
                      retry_until: float | None = None) -> bool:
         """Send one notice of *kind* covering those of *recipients* that want it; mark them
         notified (in memory: the caller records the envelope). True when something was sent
-        or nothing was due; False when the notice could not be made (try again later)."""
+        or nothing was due; False when the notice could not be made (try again later).
+        *path* is the queue file, or the message's header section when it has none (mail
+        delivered at once: a success notice returns the headers only)."""
         decision = recipients_to_report(
             envelope.sender, recipients, kind, delay_warnings=self.delay_warnings,
             double_bounces=self.double_bounces)
@@ -103,9 +105,12 @@ class Notifier:
                         "notice_id": queue_id}})
         return True
 
-    def _build(self, envelope: Envelope, path: Path, statuses: list[RecipientStatus],
+    def _build(self, envelope: Envelope, path: Path | bytes, statuses: list[RecipientStatus],
                kind: DsnKind, postmaster: str | None) -> Dsn:
         """Read the queued message (at most the size limit of it) and make the notice."""
+        if isinstance(path, bytes):
+            return build_dsn(envelope, statuses, path, kind=kind, hostname=self.hostname,
+                             now=time.time(), postmaster=postmaster, size_limit=self.size_limit)
         with open(path, "rb") as original:
             if not original.readline(MAX_ENVELOPE_LINE).endswith(b"\n"):
                 raise StorageError(f"{path}: no envelope line")
