@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, make_server, wait_port
+from tests.conftest import ServerHandle, free_port, make_server, wait_port
 
 pytestmark = pytest.mark.slow
 
@@ -159,6 +159,7 @@ def test_server_as_root_drops_privileges(tmp_path: Path) -> None:
     except KeyError:
         pytest.skip("no user 'nobody'")
     root = Path(tempfile_dir())
+    handle: ServerHandle | None = None
     try:
         pop3, sub = free_port(), free_port()
         handle = make_server(root, f"""
@@ -203,6 +204,8 @@ allow_plaintext_on_loopback = true
         box.quit()
         handle.stop()
     finally:
+        if handle is not None and handle.proc is not None:
+            handle.kill()  # a failed assertion must not leave a server running as nobody
         shutil.rmtree(root, ignore_errors=True)
 
 

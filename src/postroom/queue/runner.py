@@ -369,6 +369,9 @@ class QueueRunner:
         """Rewrite the message's envelope with every state settled so far. Each outcome is
         saved as soon as it is known (as Postfix does after each delivery), so a crash never
         repeats a delivery that is already done; one save at a time per file."""
+        if finished(work.envelope) and not any(
+                wants(r.notify, DsnKind.SUCCESS) for r, _ in work.successes):
+            return  # nothing left to do: the removal that follows records it (one round less)
         async with work.saving:
             await self._committer.submit(
                 lambda ds: self._spool.update_envelope(work.path, work.envelope, ds))
