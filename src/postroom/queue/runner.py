@@ -423,7 +423,8 @@ class QueueRunner:
                 await self._begin(work, recipients)
                 attempt = await deliverer.deliver(domain, outbound, source)
             finally:
-                source.close()
+                # the last descriptor of a replaced file frees it: not on the event loop
+                await asyncio.to_thread(source.close)
         results = attempt.recipients
         unreachable = all(r.local and r.stage is Stage.CONNECT and r.verdict is Verdict.TEMPORARY
                           for r in results)
