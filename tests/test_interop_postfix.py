@@ -13,8 +13,6 @@ The instances are run by tests/postfix_support.py (``postfix -c DIR start``, sto
 
 from __future__ import annotations
 
-import email
-import email.policy
 import re
 import smtplib
 from email.message import EmailMessage, Message
@@ -25,6 +23,7 @@ import pytest
 from tests.conftest import make_server
 from tests.dns_support import serve_dns
 from tests.postfix_support import postfix_skip_reason, running_postfix, wait_until
+from tests.relay_support import parse, relay_config
 
 _SKIP = postfix_skip_reason()
 pytestmark = [pytest.mark.interop, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
@@ -37,33 +36,6 @@ ZONE = {
 #: A UTF-8 body (8BITMIME both ways) and a line that starts with a dot (dot-stuffing, or BDAT).
 BODY = ("Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
         "Gr\u00fc\u00dfe aus dem Postraum.\r\n.a line with a leading dot\r\nlast line\r\n")
-
-
-def parse(raw: bytes) -> EmailMessage:
-    message = email.message_from_bytes(raw, policy=email.policy.default)
-    assert isinstance(message, EmailMessage)
-    return message
-
-
-def sender_config(dns_port: int, mx_port: int) -> str:
-    """Relay for 127.0.0.0/8, MX lookups at the test DNS server, MX hosts on *mx_port*."""
-    return f"""
-[relay]
-trusted_networks = ["127.0.0.0/8"]
-
-[outbound]
-nameservers = ["127.0.0.1"]
-dns_port = {dns_port}
-dns_timeout = 2.0
-allow_networks = ["127.0.0.0/8"]
-smtp_port = {mx_port}
-connect_timeout = 3.0
-
-[queue]
-min_backoff = 1.0
-max_backoff = 2.0
-scan_interval = 0.5
-"""
 
 
 def recipient_status(notice: EmailMessage) -> tuple[Message, Message]:
@@ -88,7 +60,7 @@ def received(message: EmailMessage) -> tuple[str, str]:
 
 def test_postroom_relays_to_postfix_and_bounces_its_550(tmp_path: Path) -> None:
     with running_postfix(host="127.0.0.3", mailboxes=("dave",)) as pf, serve_dns(ZONE) as dns:
-        sender = make_server(tmp_path / "postroom", sender_config(dns.port, pf.port))
+        sender = make_server(tmp_path / "postroom", relay_config(dns.port, pf.port, outbound=""))
         sender.start()
         try:
             message = ("From: alice@example.com\r\nTo: dave@pf.test, nobody@pf.test\r\n"

@@ -7,8 +7,6 @@ the same port, which the sender's ``outbound.smtp_port`` names."""
 
 from __future__ import annotations
 
-import email
-import email.policy
 import json
 import smtplib
 import socket
@@ -26,6 +24,7 @@ import pytest
 
 from tests.conftest import ServerHandle, free_port, make_server
 from tests.dns_support import DnsTestServer, serve_dns
+from tests.relay_support import parse, relay_config
 
 ZONE = {
     "remote.test": ["MX 10 mx1.remote.test."],
@@ -47,28 +46,6 @@ class Net:
     receiver: ServerHandle  # mx1.remote.test on 127.0.0.2, user carol@remote.test
 
 
-def sender_config(dns_port: int, mx_port: int, lifetime: float = 600.0) -> str:
-    return f"""
-[relay]
-trusted_networks = ["127.0.0.0/8"]
-
-[outbound]
-nameservers = ["127.0.0.1"]
-dns_port = {dns_port}
-dns_timeout = 2.0
-allow_networks = ["127.0.0.0/8"]
-smtp_port = {mx_port}
-connect_timeout = 3.0
-dead_destination_time = 0
-
-[queue]
-min_backoff = 1.0
-max_backoff = 2.0
-max_lifetime = {lifetime}
-scan_interval = 0.5
-"""
-
-
 @pytest.fixture
 def net(tmp_path: Path) -> Iterator[Net]:
     port = free_port()
@@ -77,7 +54,7 @@ def net(tmp_path: Path) -> Iterator[Net]:
                                hostname="mx1.remote.test")
         receiver.cli("domain", "add", "remote.test")
         receiver.cli("user", "add", "carol@remote.test", "--password-stdin", stdin="c\n")
-        sender = make_server(tmp_path / "a", sender_config(dns.port, port))
+        sender = make_server(tmp_path / "a", relay_config(dns.port, port))
         receiver.start()
         sender.start()
         try:
@@ -94,12 +71,6 @@ def send(server: ServerHandle, sender: str, *rcpts: str, subject: str = "relayed
             "Hello over there.\r\n.a line with a leading dot\r\n")
     with smtplib.SMTP("127.0.0.1", server.port, local_hostname="c.test", timeout=15) as client:
         client.sendmail(sender, list(rcpts), body.encode())
-
-
-def parse(raw: bytes) -> EmailMessage:
-    message = email.message_from_bytes(raw, policy=email.policy.default)
-    assert isinstance(message, EmailMessage)
-    return message
 
 
 def report(bounce: EmailMessage) -> tuple[Message, list[Message]]:
@@ -242,7 +213,7 @@ def test_greylisting_450_is_retried(net: Net) -> None:
 def test_unreachable_destination_expires_into_a_bounce(tmp_path: Path) -> None:
     port = free_port()
     with serve_dns(ZONE) as dns:
-        sender = make_server(tmp_path, sender_config(dns.port, port, lifetime=4.0))
+        sender = make_server(tmp_path, relay_config(dns.port, port, lifetime=4.0))
         sender.start()
         try:
             send(sender, "alice@example.com", "eve@down.test", subject="never")
@@ -297,7 +268,7 @@ def test_queue_tools_against_the_running_server(tmp_path: Path) -> None:
     server's control socket while the runner works on the queue."""
     port = free_port()
     with serve_dns(ZONE) as dns:
-        sender = make_server(tmp_path, sender_config(dns.port, port))
+        sender = make_server(tmp_path, relay_config(dns.port, port))
         sender.start()
         try:
             send(sender, "alice@example.com", "eve@down.test", subject="stuck")
@@ -415,8 +386,7 @@ def test_notify_success_for_local_and_for_a_relay_without_dsn(net: Net) -> None:
 def test_delay_warning_once(tmp_path: Path) -> None:
     port = free_port()
     with serve_dns(ZONE) as dns:
-        config = sender_config(dns.port, port).replace(
-            "scan_interval = 0.5", "scan_interval = 0.5\ndelay_warning = 1.0")
+        config = relay_config(dns.port, port, queue="delay_warning = 1.0")
         sender = make_server(tmp_path, config)
         sender.start()
         try:

@@ -38,6 +38,7 @@ from postroom.queue.runner import ATTEMPT_UNDER_WAY
 from postroom.queue.spool import read_envelope
 from tests.conftest import ServerHandle, free_port, make_server, wait_port
 from tests.dns_support import serve_dns
+from tests.relay_support import relay_config
 from tests.test_durability import completed_calls
 
 pytestmark = pytest.mark.slow
@@ -52,29 +53,11 @@ ZONE = {
 CONCURRENCY = 2
 
 Key = tuple[str, str]  # (Message-ID, recipient address)
+OUTBOUND = f"dead_destination_time = 0\nmax_per_destination = {CONCURRENCY}"
 
 
-def relay_config(dns_port: int, mx_port: int) -> str:
-    return f"""
-[relay]
-trusted_networks = ["127.0.0.0/8"]
-
-[outbound]
-nameservers = ["127.0.0.1"]
-dns_port = {dns_port}
-dns_timeout = 2.0
-allow_networks = ["127.0.0.0/8"]
-smtp_port = {mx_port}
-connect_timeout = 3.0
-dead_destination_time = 0
-max_per_destination = {CONCURRENCY}
-
-[queue]
-min_backoff = 0.5
-max_backoff = 1.0
-max_lifetime = 600
-scan_interval = 0.5
-"""
+def sender_config(dns_port: int, mx_port: int) -> str:
+    return relay_config(dns_port, mx_port, min_backoff=0.5, max_backoff=1.0, outbound=OUTBOUND)
 
 
 # ---- the receiving side ---------------------------------------------------------------------
@@ -256,7 +239,7 @@ def test_sigkill_while_relaying_loses_no_recipient(tmp_path: Path) -> None:
     port = free_port()
     greylist = frozenset(f"u{n}@r2.test" for n in range(0, MESSAGES, 7))
     with serve_dns(ZONE) as dns, recording_mxs(port, recorder, delay=0.15, greylist=greylist):
-        sender = make_server(tmp_path, relay_config(dns.port, port))
+        sender = make_server(tmp_path, sender_config(dns.port, port))
         sender.cli("user", "add", LOCAL_QUEUED, "--password-stdin", stdin="c\n")
         blocked = block_maildir(sender, LOCAL_QUEUED)
         sender.start()
@@ -361,7 +344,7 @@ def test_a_finished_delivery_is_not_repeated_after_a_kill(tmp_path: Path) -> Non
     port = free_port()
     msgid = "slow-one@durability.test"
     with serve_dns(ZONE) as dns:
-        sender = make_server(tmp_path, relay_config(dns.port, port))
+        sender = make_server(tmp_path, sender_config(dns.port, port))
         sender.cli("user", "add", LOCAL_QUEUED, "--password-stdin", stdin="c\n")
         blocked = block_maildir(sender, LOCAL_QUEUED)
         sender.start()
@@ -408,7 +391,7 @@ def test_attempt_is_durable_before_the_connect(tmp_path: Path) -> None:
     port = free_port()
     trace_file = tmp_path / "strace.txt"
     with serve_dns(ZONE) as dns, recording_mxs(port, recorder):
-        handle = make_server(tmp_path / "sender", relay_config(dns.port, port))
+        handle = make_server(tmp_path / "sender", sender_config(dns.port, port))
         handle.proc = subprocess.Popen(
             ["strace", "-f", "-y", "-s", "4096", "-o", str(trace_file),
              "-e", "trace=write,pwrite64,fsync,fdatasync,rename,renameat,renameat2,connect",
