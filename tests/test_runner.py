@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from postroom.config import Config, from_dict
 from postroom.delivery.maildir import MaildirUsage
+from postroom.ids import new_queue_id
 from postroom.policy.routes import LocalDelivery, RemoteDelivery
 from postroom.queue.committer import Committer, Disk
 from postroom.queue.envelope import Envelope, Recipient, RecipientState
@@ -471,3 +472,34 @@ def test_a_delivery_reads_the_message_it_opened_while_the_envelope_is_rewritten(
         assert source.size == len(PREPEND + CONTENT)
     finally:
         source.close()
+
+
+def test_queued_and_deferred_mail_cost_no_rescan(tmp_path: Path, committer: Committer) -> None:
+    """Each queued message is worked on directly and a deferral only moves the next wake-up:
+    the whole queue is read once (at start), not once per message (O(n^2) under load)."""
+    spool, runner = make(tmp_path, committer, Clock(NOW))
+    blocked = blocked_mailbox(tmp_path, "bob")
+    reads = []
+    original = spool.load_queue
+
+    def counting() -> list[tuple[Envelope, Path]]:
+        reads.append(1)
+        return original()
+
+    spool.load_queue = counting  # type: ignore[method-assign]
+
+    async def main() -> None:
+        runner.start()
+        await asyncio.sleep(0.05)  # the first scan
+        for _ in range(10):
+            env = Envelope(new_queue_id(), "a@example.org", NOW,
+                           recipients=[Recipient("bob@example.com", blocked)])
+            message = spool.open_message()
+            message.write(CONTENT)
+            await spool.accept(env, message, PREPEND)
+        await asyncio.sleep(0.5)
+        await runner.stop()
+
+    asyncio.run(main())
+    assert len(list(spool.active.iterdir())) == 10
+    assert len(reads) == 1

@@ -167,6 +167,7 @@ class QueueRunner:
         self._clock = clock
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
+        self._resched = asyncio.Event()  # the soonest retry moved earlier: sleep less
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         spool.on_queued = self.queued  # the spool queued a message: work on it now
@@ -215,12 +216,25 @@ class QueueRunner:
             if self._next_due is not None and (earliest is None or self._next_due < earliest):
                 earliest = self._next_due
             self._next_due = earliest
-            delay = self.config.queue.scan_interval
-            if earliest is not None:
-                delay = min(delay, max(MIN_SLEEP, earliest - self._clock()))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
+            await self._sleep(self._clock() + self.config.queue.scan_interval)
+
+    async def _sleep(self, scan_by: float) -> None:
+        """Until the next scan: *scan_by*, the soonest retry known (which finishing messages
+        may move earlier without a rescan), or a wake-up (an operator's flush, a stop)."""
+        while not self._wake.is_set() and not self._stopping:
+            target = scan_by if self._next_due is None else min(scan_by, self._next_due)
+            delay = max(MIN_SLEEP, target - self._clock())
+            self._resched.clear()
+            waits = [asyncio.ensure_future(self._wake.wait()),
+                     asyncio.ensure_future(self._resched.wait())]
+            try:
+                done, _ = await asyncio.wait(waits, timeout=delay,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
+            if not done:
+                return  # the time has come: scan
 
     # ---- one scan -----------------------------------------------------------------------------
 
@@ -294,7 +308,7 @@ class QueueRunner:
         rescan now: a message that finishes must not make the whole queue be read again)."""
         if self._next_due is None or when < self._next_due:
             self._next_due = when
-            self._wake.set()
+            self._resched.set()
 
     async def _guarded(self, gate: asyncio.Semaphore, queue_id: str, path: Path,
                        now: float) -> None:
