@@ -401,3 +401,31 @@ def test_delay_warning_once(tmp_path: Path) -> None:
             assert "sender delay notification:" in sender.log()
         finally:
             sender.stop()
+
+
+def test_a_dead_destination_is_skipped_and_does_not_hold_up_others(tmp_path: Path) -> None:
+    port = free_port()
+    with serve_dns(ZONE) as dns:
+        receiver = make_server(tmp_path / "b", host="127.0.0.2", port=port,
+                               hostname="mx1.remote.test")
+        receiver.cli("domain", "add", "remote.test")
+        receiver.cli("user", "add", "carol@remote.test", "--password-stdin", stdin="c\n")
+        sender = make_server(tmp_path / "a", relay_config(
+            dns.port, port, outbound="dead_destination_time = 30"))
+        receiver.start()
+        sender.start()
+        try:
+            send(sender, "alice@example.com", "eve@down.test", subject="first")
+            sender.wait_for(lambda: "to=<eve@down.test>" in sender.log(), timeout=20)
+            send(sender, "alice@example.com", "frank@down.test", subject="second")
+            send(sender, "alice@example.com", "carol@remote.test", subject="elsewhere")
+            receiver.wait_for(lambda: receiver.messages("carol@remote.test"), timeout=20)
+            sender.wait_for(lambda: "to=<frank@down.test>" in sender.log(), timeout=20)
+            log = sender.log()
+            # the second message to the dead domain was not tried: no connect, a clear reason
+            assert ("to=<frank@down.test>, relay=none" in log
+                    and "status=deferred (delivery temporarily suspended: connect to "
+                        "dead.fallback.test[127.0.0.4]" in log)
+        finally:
+            sender.stop()
+            receiver.stop()
