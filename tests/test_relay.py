@@ -429,3 +429,24 @@ def test_a_dead_destination_is_skipped_and_does_not_hold_up_others(tmp_path: Pat
         finally:
             sender.stop()
             receiver.stop()
+
+
+def test_a_transport_override_skips_the_mx_lookup(tmp_path: Path) -> None:
+    port = free_port()
+    with serve_dns(ZONE) as dns:
+        receiver = make_server(tmp_path / "b", host="127.0.0.2", port=port,
+                               hostname="mx1.remote.test")
+        receiver.cli("domain", "add", "remote.test")
+        receiver.cli("user", "add", "carol@remote.test", "--password-stdin", stdin="c\n")
+        sender = make_server(tmp_path / "a", relay_config(
+            dns.port, 9, outbound=f'transports = {{ "remote.test" = "[127.0.0.2]:{port}" }}'))
+        receiver.start()
+        sender.start()
+        try:
+            send(sender, "alice@example.com", "carol@remote.test", subject="routed")
+            receiver.wait_for(lambda: receiver.messages("carol@remote.test"), timeout=20)
+            assert f"relay=127.0.0.2[127.0.0.2]:{port}" in sender.log()
+            assert not any(name == "remote.test" for name, _ in dns.queries)
+        finally:
+            sender.stop()
+            receiver.stop()
