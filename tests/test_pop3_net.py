@@ -473,3 +473,124 @@ def test_tls_context_required_for_implicit_listener(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="TLS context"):
         asyncio.run(start())
     sock.close()
+
+
+# --- TLS: certificate reload on 995, bounded close ---------------------------------------------
+
+
+def _peer_serial(srv: Pop3TestServer, cafile: Path) -> int:
+    """The serial number of the certificate a new 995 connection is shown."""
+    from cryptography import x509
+
+    client = poplib.POP3_SSL("127.0.0.1", srv.tls_port, context=client_context(cafile), timeout=10)
+    try:
+        der = client.sock.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+    finally:
+        client.quit()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_reload_reaches_the_implicit_tls_port(tmp_path: Path, loop: str) -> None:
+    import ssl
+
+    from cryptography import x509
+
+    from tests.pop3_support import tls_files
+
+    with Pop3TestServer(tmp_path, loop=loop) as srv:
+        old = x509.load_pem_x509_certificate(srv.cert.read_bytes()).serial_number
+        assert _peer_serial(srv, srv.cert) == old
+        (tmp_path / "new").mkdir()
+        cert, key = tls_files(tmp_path / "new")
+        new = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+        assert new != old
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+
+        async def reload() -> None:
+            srv.server.set_tls_context(context)
+
+        srv.call(reload())
+        assert _peer_serial(srv, cert) == new  # a client trusting only the old one would fail
+        with pytest.raises(ssl.SSLCertVerificationError):
+            poplib.POP3_SSL("127.0.0.1", srv.tls_port, context=client_context(srv.cert),
+                            timeout=10)
+        # STLS on 110 takes the new one as well
+        client = poplib.POP3("127.0.0.1", srv.port, timeout=10)
+        client.stls(client_context(cert))
+        client.quit()
+
+
+def test_an_idle_tls_client_does_not_hold_the_shutdown(tmp_path: Path) -> None:
+    """The client never reads, so it never answers our close_notify: the shutdown must not wait
+    for its grace period (nor asyncio's 30 s TLS shutdown timeout)."""
+    import ssl
+
+    srv = Pop3TestServer(tmp_path, shutdown_grace=8.0)
+    srv.__enter__()
+    raw = socket.create_connection(("127.0.0.1", srv.tls_port), timeout=10)
+    tls = client_context(srv.cert).wrap_socket(raw)
+    assert tls.recv(4096) == b"+OK POP3 server ready\r\n"
+    started = time.monotonic()
+    try:
+        srv.call(srv.server.shutdown(), timeout=20)
+        took = time.monotonic() - started
+    finally:
+        srv.loop.call_soon_threadsafe(srv.loop.stop)
+        srv._thread.join(10)
+        srv.loop.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            tls.close()
+    assert took < 3.0, f"shutdown took {took:.1f} s"
+
+
+# --- which failed logins count ------------------------------------------------------------------
+
+
+def test_a_cancel_and_a_store_outage_are_not_counted_as_guesses(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As SMTP AUTH: only a guess by the client counts against it and gets the fail2ban line;
+    a cancel ("*", RFC 5034 4) or our credential store failing is answered at once."""
+    import logging
+
+    from tests.pop3_support import STORE
+
+    throttle = RecordingThrottle()
+    failed_line = "SASL {} authentication failed"
+    with caplog.at_level(logging.INFO, logger="postroom"), \
+            Pop3TestServer(tmp_path, throttle=throttle) as srv:
+        client = poplib.POP3_SSL("127.0.0.1", srv.tls_port, context=client_context(srv.cert),
+                                 timeout=10)
+        assert client._shortcmd("AUTH PLAIN").startswith(b"+")
+        started = time.monotonic()
+        with pytest.raises(poplib.error_proto, match=r"-ERR Authentication cancelled"):
+            client._shortcmd("*")
+        STORE.broken = True
+        try:
+            client.user(ALICE)
+            with pytest.raises(poplib.error_proto, match=r"-ERR \[SYS/TEMP\]"):
+                client.pass_("alice-secret")
+        finally:
+            STORE.broken = False
+        assert time.monotonic() - started < 0.3  # no tarpit (the throttle says 0.3 s)
+        assert throttle.calls == []
+        assert failed_line.format("PLAIN") not in caplog.text
+        assert failed_line.format("USER") not in caplog.text
+        assert "pop3 authentication ended" in caplog.text
+        # a wrong password still is a guess: counted, and logged for fail2ban
+        client.user(ALICE)
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            client.pass_("wrong")
+        client.close()
+    assert throttle.calls == [("blocked", ALICE), ("failure", ALICE)]
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert any(failed_line.format("USER") in w for w in warnings)
+
+
+def test_counted_failures_match_smtp_auth() -> None:
+    from postroom.net.auth import _COUNTED
+    from postroom.pop3 import COUNTED_FAILURES
+
+    assert COUNTED_FAILURES == _COUNTED

@@ -7,7 +7,9 @@ Nothing here parses POP3. A session answers the core's requests, each in a task 
   is asked once a slot is free, not before: a guess queued behind others is not checked if they
   blocked the address meanwhile, and one from a client that has left is not checked at all. A
   blocked client is told ``-ERR [SYS/TEMP]`` and disconnected, like SMTP's ``421 4.7.0``;
-- ``LoginFailed``: tells the throttle, waits as long as it says (a tarpit), then answers;
+- ``LoginFailed``: a guess by the client (``counted``) tells the throttle, is logged for
+  fail2ban and waits as long as the throttle says (a tarpit) before the answer; a cancel or a
+  credential-store outage is answered at once and counts nothing, as in SMTP AUTH;
 - ``OpenMaildrop``: in a thread, the backend opens the user's INBOX, takes its POP3 lock
   (``[IN-USE]`` when held), syncs it (new mail moves to ``cur/``) and lists it; the list stays
   fixed for the session;
@@ -44,6 +46,7 @@ from postroom import log
 from postroom.errors import StorageError
 from postroom.net.auth import account_name
 from postroom.net.limits import ConnectionCounts, LocalCounts
+from postroom.net.session import TLS_SHUTDOWN_TIMEOUT
 from postroom.net.tls import describe
 from postroom.policy.authlimit import Reservation, Verdict
 from postroom.pop3 import (
@@ -70,6 +73,10 @@ from postroom.store.names import SEEN
 #: Octets read from a message file at a time while sending it.
 READ_CHUNK: Final = 64 * 1024
 _SWEEP_INTERVAL: Final = 1.0
+#: At shutdown, how long a session whose transport is closing (its last response written; a TLS
+#: one waits for the client's close_notify, RFC 8446 6.1) may take before it is aborted: an idle
+#: client that never answers must not hold the shutdown for its whole grace period.
+CLOSING_GRACE: Final = 1.0
 
 
 class LoginThrottle(Protocol):
@@ -425,6 +432,15 @@ class Pop3Session(asyncio.Protocol):
         self.conn.password_checked(ok)
 
     async def _login_failed(self, request: LoginFailed) -> None:
+        if not request.counted:
+            # A cancel, or our credential store failing: not a guess, so nothing counted, no
+            # fail2ban-shaped line and no tarpit (as SMTP AUTH does).
+            self._release_reservation()
+            log.logger.info("pop3 authentication ended from %s: user=<%s>, method=%s: %s",
+                            self.describe(), request.user or "", request.mechanism,
+                            request.reason)
+            self.conn.proceed()
+            return
         throttle = self.server.backend.throttle
         reservation, self._reservation = self._reservation, None
         blocked = False
@@ -667,7 +683,8 @@ class Pop3Session(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             secure = await loop.start_tls(transport, self, context, server_side=True,
-                                          ssl_handshake_timeout=self.server.settings.handshake_timeout)
+                                          ssl_handshake_timeout=self.server.settings.handshake_timeout,
+                                          ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.logger.info("pop3 TLS handshake failed from %s: %s", self.describe(), exc)
             self._task = None
@@ -688,6 +705,12 @@ class Pop3Session(asyncio.Protocol):
         self._pump()
 
     # -- called by the server -----------------------------------------------------------------
+    @property
+    def closing(self) -> bool:
+        """The transport is closing: the session has said its last word (a TLS session may still
+        wait for the client's close_notify, up to :data:`TLS_SHUTDOWN_TIMEOUT`)."""
+        return self.transport is not None and self.transport.is_closing()
+
     @property
     def busy(self) -> bool:
         """Answering a request (a password check, a message, the UPDATE): let it finish."""
@@ -790,14 +813,43 @@ class Pop3Server:
             self._servers.append(server)
             name = sock.getsockname()
             log.logger.info("listening for POP3 on %s:%d", name[0], name[1])
+        front = self._implicit_tls_context() if implicit_tls else None
         for sock in implicit_tls:
             server = await loop.create_server(
-                lambda: Pop3Session(self, implicit_tls=True), sock=sock, ssl=self.tls_context,
-                ssl_handshake_timeout=self.settings.handshake_timeout)
+                lambda: Pop3Session(self, implicit_tls=True), sock=sock, ssl=front,
+                ssl_handshake_timeout=self.settings.handshake_timeout,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
             self._servers.append(server)
             name = sock.getsockname()
             log.logger.info("listening for POP3S on %s:%d", name[0], name[1])
         self._sweeper = loop.create_task(self._sweep())
+
+    def _implicit_tls_context(self) -> ssl.SSLContext:
+        """The context the 995 listeners are made with. A listener keeps the context it was
+        created with, so each handshake is switched (``sni_callback``, which OpenSSL calls with
+        or without SNI, before it picks the certificate) to whatever :attr:`tls_context` is
+        then: a reload's certificate reaches 995 too. SmtpServer does the same on its own ports.
+
+        The context is POP3's own, not the start-up one: the daemon hands one context to SMTP
+        and POP3, and a callback is per context, so setting it there would replace SMTP's. It
+        takes the start-up context's protocol settings (versions, options, TLS 1.2 ciphers),
+        which stay those of the connection; the certificate and key come from the switch."""
+        startup = self.tls_context
+        assert startup is not None
+        front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        front.minimum_version = startup.minimum_version
+        front.maximum_version = startup.maximum_version
+        front.options = startup.options
+        ciphers = [c["name"] for c in startup.get_ciphers() if c["protocol"] != "TLSv1.3"]
+        if ciphers:
+            front.set_ciphers(":".join(ciphers))
+
+        def current(ssl_object: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+            # With TLS off since a reload (no context), keep serving the last one set.
+            ssl_object.context = self.tls_context or startup
+
+        front.sni_callback = current
+        return front
 
     def admit(self, session: Pop3Session) -> r.Response | None:
         settings = self.settings
@@ -842,10 +894,15 @@ class Pop3Server:
         for session in list(self.sessions):
             session.shutdown()
         deadline = time.monotonic() + self.settings.shutdown_grace
+        closing_since: dict[Pop3Session, float] = {}
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+            now = time.monotonic()
             for session in list(self.sessions):
                 session.shutdown()
+                # closing: it said its last response; at most the TLS goodbye is left
+                if session.closing and now - closing_since.setdefault(session, now) >= CLOSING_GRACE:
+                    session.abort()
         for session in list(self.sessions):
             session.shutdown(force=True)
         await asyncio.sleep(0.05)

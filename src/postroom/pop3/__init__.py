@@ -12,6 +12,7 @@ transport is :mod:`postroom.net.pop3`.
 
 from postroom.pop3.content import ContentEncoder, uidl_for, valid_uidl
 from postroom.pop3.events import (
+    COUNTED_FAILURES,
     CheckPassword,
     Commit,
     Event,
@@ -29,6 +30,7 @@ from postroom.pop3.server import LocalProtocolError, Pop3Connection, Pop3Setting
 from postroom.pop3.states import State
 
 __all__ = [
+    "COUNTED_FAILURES",
     "CheckPassword",
     "Commit",
     "ContentEncoder",

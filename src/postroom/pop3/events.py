@@ -9,7 +9,7 @@
     │   │                     then password_checked(ok)
     │   ├── LoginFailed       an authentication failed: proceed() sends the core's -ERR,
     │   │                     refuse(response) another; the transport counts it (throttling)
-    │   │                     and may wait before answering
+    │   │                     and may wait before answering, when it is ``counted``
     │   ├── OpenMaildrop      authenticated: lock and list the maildrop, then
     │   │                     maildrop_opened(messages), or refuse(response): [IN-USE] ...
     │   ├── Retrieve          RETR or TOP: message_data(chunk)... then message_end(), or
@@ -71,12 +71,26 @@ class CheckPassword(Request):
         return self.check.authcid
 
 
+#: Failures that are a client's guess and count against it (throttling, the fail2ban line): the
+#: same set as SMTP AUTH's (``postroom.net.auth``). A cancel ("*", RFC 5034 4) and a failure on
+#: our side (the credential store was down) are not the client's fault.
+COUNTED_FAILURES: frozenset[FailureKind] = frozenset({
+    FailureKind.REJECTED, FailureKind.MALFORMED, FailureKind.TOO_LONG,
+    FailureKind.INITIAL_RESPONSE_REFUSED})
+
+
 @dataclass(frozen=True, slots=True)
 class LoginFailed(Request):
     user: str | None  # the identity claimed, when the client got that far
     mechanism: str  # "USER", "APOP" or the SASL mechanism
     kind: FailureKind
     reason: str  # for the log
+
+    @property
+    def counted(self) -> bool:
+        """A guess by the client (:data:`COUNTED_FAILURES`): the transport counts it against the
+        client and logs it for fail2ban; otherwise it answers at once and counts nothing."""
+        return self.kind in COUNTED_FAILURES
 
 
 @dataclass(frozen=True, slots=True)

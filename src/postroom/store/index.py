@@ -19,6 +19,13 @@ Schema (version 1)::
         letters  the Maildir flag letters of that name; keywords: space-separated, in the index only
     expunged(mailbox, uid, modseq)           PRIMARY KEY (mailbox, uid)
 
+Change counter: ``meta('changes')`` goes up by one in every write transaction that changed a
+row (:meth:`Index.write`), whichever process made it. Together with the directories' mtimes it
+tells a process that the index is as it last saw it (:mod:`postroom.store.maildir` keeps each
+mailbox's state between sessions on that basis). It is a row of the schema-1 ``meta`` table, so
+no migration: a database without it counts from 0. (``PRAGMA data_version`` would not do: it
+only compares within one connection, and a session opens its own.)
+
 Durability: ``synchronous = FULL``, so a UID handed to a client is on disk before the client can
 see it; a write happens only when something changed, so a sync that finds nothing new costs no
 fsync. Concurrency: writers take the database lock with ``BEGIN IMMEDIATE`` and wait for each
@@ -148,6 +155,9 @@ class Index:
         self.owner = owner
         #: The index was lost or unreadable and is being rebuilt: UIDVALIDITYs are new.
         self.rebuilt = False
+        #: The change counter as of the last write transaction this object committed (None
+        #: after a failed one): the state its caller just wrote, as other processes will see it.
+        self.committed_changes: int | None = None
         self._db = self._open()
 
     # -- opening ------------------------------------------------------------------------------
@@ -245,12 +255,18 @@ class Index:
         """One write transaction (``BEGIN IMMEDIATE``): committed when the block ends normally,
         rolled back when it raises. SQLite errors become StorageError (IndexCorrupt for damage)."""
         db = self._db
+        self.committed_changes = None
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
+        before = db.total_changes
         try:
             yield db
+            if db.total_changes != before:
+                db.execute("INSERT INTO meta VALUES ('changes', '1') ON CONFLICT (key)"
+                           " DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+            changes = self._changes(db)
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
@@ -263,6 +279,16 @@ class Index:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise self._error(exc) from exc
+        self.committed_changes = changes
+
+    @staticmethod
+    def _changes(db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT value FROM meta WHERE key = 'changes'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def changes(self, db: sqlite3.Connection) -> int:
+        """The change counter (see the module docstring), read in a transaction of *db*."""
+        return self._changes(db)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

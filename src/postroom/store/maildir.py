@@ -20,6 +20,19 @@ all in one write transaction. A crash anywhere leaves at worst files the index d
 which the next sync picks up: no message is lost, and none appears twice (the index's UNIQUE key
 on the unique name).
 
+Between sessions each process keeps the state of the mailboxes it synced last (:class:`_Snapshot`,
+at most :data:`SNAPSHOT_ROWS` rows in all): a sync whose mailbox provably has not changed since
+takes that state instead of listing both directories and loading every index row again, which is
+most of a POP3 login on a large mailbox. Provably: the index's change counter and the folder's
+row (:mod:`.index`) are the same, and so are the mtimes of ``new/`` and ``cur/``, taken before
+the listing the state came from. Every way a message comes, goes or changes flags touches one of
+them: delivery creates a name in ``new/``; moving to ``cur/``, re-flagging (a rename) and
+removing change a directory; keywords and UIDs live in the index. An mtime only shows changes
+made after the clock tick it records, so a listing taken less than :data:`_RACY_NS` after its
+directory's mtime is never trusted later (the "racy" case: a change in the same tick as the one
+before it leaves the mtime as it was). The state is copied into each mailbox, never shared:
+rows are replaced, not changed in place, once they may be in a snapshot.
+
 Flag changes rename the file (the letters are the truth for other programs) and update the row,
 in one transaction; keywords live in the index only. Expunge unlinks the files, fsyncs their
 directories, then drops the rows and records the UIDs in ``expunged``. Every call is serialised
@@ -28,6 +41,7 @@ by the store's lock; calls do blocking I/O and belong off the event loop.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import os
@@ -73,6 +87,13 @@ from postroom.store.names import (
 
 #: Reads of a message whose name has no W= field go in pieces of this size.
 _READ_CHUNK: Final = 256 * 1024
+#: Message rows kept between sessions in one process, over every mailbox (a row and its listed
+#: MessageInfo take some hundreds of octets); the mailbox used longest ago goes first.
+SNAPSHOT_ROWS: Final = 100_000
+#: A directory listing is trusted later only when taken this long after the directory's mtime:
+#: more than the mtime granularity of the file systems a Maildir lives on (a clock tick on ext4
+#: and XFS, 1 s on ext3 and many NFS servers, 2 s on FAT).
+_RACY_NS: Final = 2_000_000_000
 _LOCK_PURPOSE = re.compile(r"[a-z0-9]{1,16}")
 
 
@@ -128,8 +149,71 @@ class _Row:
         return MessageInfo(self.uid, self.key, flags, self.modseq, self.internaldate, self.size,
                            self.crlf_size)
 
+    def at(self, path: str) -> _Row:
+        """A copy of this row found at *path* (rows may be shared with a snapshot: never
+        changed in place once a sync has finished with them)."""
+        return _Row(self.uid, self.key, path, self.letters, self.keywords, self.modseq,
+                    self.internaldate, self.size, self.crlf_size)
+
 
 _ROW_COLUMNS = "uid, key, path, letters, keywords, modseq, internaldate, size, crlf_size"
+
+
+class _Snapshot:
+    """A mailbox as a completed sync left it, for the next session of this process."""
+
+    __slots__ = ("changes", "counters", "cur_mtime", "has_new", "infos", "new_mtime", "rows")
+
+    def __init__(self, changes: int, counters: tuple[int, int, int, int], new_mtime: int,
+                 cur_mtime: int, rows: dict[int, _Row]) -> None:
+        self.changes = changes  # the index's change counter
+        self.counters = counters  # (id, uidvalidity, uidnext, highestmodseq) of the folder
+        self.new_mtime = new_mtime  # ns, before the listing
+        self.cur_mtime = cur_mtime
+        self.rows = rows  # uid -> row, in UID order; read only
+        self.has_new = any(row.path.startswith("new/") for row in rows.values())
+        self.infos: tuple[MessageInfo, ...] | None = None  # messages(), made once when asked
+
+
+class _Snapshots:
+    """Per-process :class:`_Snapshot` s by (folder path, name), least recently used first."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[tuple[str, str], _Snapshot] = (
+            collections.OrderedDict())
+        self._rows = 0
+
+    def get(self, key: tuple[str, str]) -> _Snapshot | None:
+        with self._lock:
+            snapshot = self._entries.get(key)
+            if snapshot is not None:
+                self._entries.move_to_end(key)
+            return snapshot
+
+    def put(self, key: tuple[str, str], snapshot: _Snapshot | None) -> None:
+        """Keep *snapshot* for *key*; None forgets what was kept."""
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._rows -= len(old.rows)
+            if snapshot is None or len(snapshot.rows) > self.limit:
+                return
+            self._entries[key] = snapshot
+            self._rows += len(snapshot.rows)
+            while self._rows > self.limit:
+                _key, dropped = self._entries.popitem(last=False)
+                self._rows -= len(dropped.rows)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._rows = 0
+
+
+#: Every mailbox state this process keeps (see the module docstring).
+SNAPSHOTS: Final = _Snapshots(SNAPSHOT_ROWS)
 
 
 class FlockLock:
@@ -284,6 +368,9 @@ class MaildirMailbox:
         self._path = path
         self._dir = str(path)  # string paths: pathlib costs more than the system calls here
         self._rows: dict[int, _Row] = {}
+        self._infos: tuple[MessageInfo, ...] | None = None  # messages() of _rows, once made
+        #: The snapshot _rows came from (or went to) unchanged since: messages() fills it in.
+        self._snapshot: _Snapshot | None = None
         self._rebuilt = store._index.rebuilt  # reported by the first sync
         with store._lock, store._index.write() as db:
             self._id, self._uidvalidity, self._uidnext, self._highest = store._mailbox_row(db, name)
@@ -311,7 +398,17 @@ class MaildirMailbox:
 
     # -- reading ------------------------------------------------------------------------------
     def messages(self) -> list[MessageInfo]:
-        return [row.info() for row in self._rows.values()]
+        infos = self._infos
+        if infos is None:
+            infos = self._infos = tuple(row.info() for row in self._rows.values())
+            if self._snapshot is not None:
+                self._snapshot.infos = infos
+        return list(infos)
+
+    def _changed_rows(self) -> None:
+        """_rows is about to change: what was made from it no longer holds."""
+        self._infos = None
+        self._snapshot = None
 
     def open_message(self, uid: int) -> BinaryIO:
         row = self._rows.get(uid)
@@ -326,7 +423,7 @@ class MaildirMailbox:
         found = self._locate(row.key)  # renamed by another program (flags), or gone
         if found is None:
             raise MessageGone(f"UID {uid}: the message was removed")
-        row.path = found
+        self._rows[uid] = row = row.at(found)
         try:
             return open(self._path / found, "rb")
         except FileNotFoundError:
@@ -345,7 +442,7 @@ class MaildirMailbox:
                 found = self._locate(row.key)  # renamed by another program, or gone
                 if found is None:
                     break
-                row.path = found
+                self._rows[uid] = row = row.at(found)
                 continue
             except OSError as exc:
                 raise _storage(exc, f"opening {self._path / row.path}") from exc
@@ -377,19 +474,74 @@ class MaildirMailbox:
         store = self._store
         with store._lock:
             try:
-                result = self._sync(move_new)
+                result = self._unchanged(move_new)
+                if result is None:
+                    result = self._sync(move_new)
             except IndexCorrupt:
+                SNAPSHOTS.put(self._snapshot_key, None)
                 store._index.rebuild()
                 with store._index.write() as db:
                     self._id, self._uidvalidity, self._uidnext, self._highest = store._mailbox_row(
                         db, self._name)
                 self._rows = {}
+                self._changed_rows()
                 self._rebuilt = True
                 result = self._sync(move_new)
             if self._rebuilt:
                 self._rebuilt = False
                 result = SyncResult(result.added, result.vanished, result.changed, rebuilt=True)
             return result
+
+    @property
+    def _snapshot_key(self) -> tuple[str, str]:
+        return (self._dir, self._name)
+
+    def _mtimes(self) -> tuple[int, int, int]:
+        """(now, mtime of new/, mtime of cur/) in ns; -1 for a directory that is missing."""
+        now = time.time_ns()
+        marks = []
+        for sub in ("/new", "/cur"):
+            try:
+                marks.append(os.stat(self._dir + sub).st_mtime_ns)
+            except FileNotFoundError:
+                marks.append(-1)
+            except OSError as exc:
+                raise _storage(exc, f"examining {self._dir}{sub}") from exc
+        return now, marks[0], marks[1]
+
+    def _unchanged(self, move_new: bool) -> SyncResult | None:
+        """The sync, when the kept snapshot provably still holds (see the module docstring);
+        None when a full sync is needed. The directories are examined before the index: a
+        change made meanwhile shows in one of them, or is simply later than this sync."""
+        snapshot = SNAPSHOTS.get(self._snapshot_key)
+        if snapshot is None or (move_new and snapshot.has_new):
+            return None
+        _now, new_mtime, cur_mtime = self._mtimes()
+        if (new_mtime, cur_mtime) != (snapshot.new_mtime, snapshot.cur_mtime):
+            return None
+        index = self._store._index
+        with index.read() as db:
+            changes = index.changes(db)
+            row = db.execute(
+                "SELECT id, uidvalidity, uidnext, highestmodseq FROM mailboxes WHERE name = ?",
+                (self._name,)).fetchone()
+        if changes != snapshot.changes or row is None or tuple(row) != snapshot.counters:
+            return None
+        self._id, self._uidvalidity, self._uidnext, self._highest = snapshot.counters
+        before = self._rows
+        self._rows = dict(snapshot.rows)
+        self._infos, self._snapshot = snapshot.infos, snapshot
+        return self._result(before, self._rows)
+
+    @staticmethod
+    def _result(before: dict[int, _Row], after: dict[int, _Row]) -> SyncResult:
+        # Reported against what this object showed before: other sessions' work counts too.
+        return SyncResult(
+            added=tuple(uid for uid in after if uid not in before),
+            vanished=tuple(uid for uid in before if uid not in after),
+            changed=tuple(uid for uid, row in after.items()
+                          if uid in before and before[uid].modseq != row.modseq),
+        )
 
     def _scan(self) -> dict[str, str]:
         """key -> "new/<name>" or "cur/<name>"; ``new/`` first, so ``cur/`` wins (see above)."""
@@ -451,6 +603,7 @@ class MaildirMailbox:
 
     def _sync(self, move_new: bool) -> SyncResult:
         store = self._store
+        now, new_mtime, cur_mtime = self._mtimes()  # before the listing (see _unchanged)
         with store._index.write() as db:
             rows = self._load(db)
             listing = self._scan()
@@ -512,13 +665,18 @@ class MaildirMailbox:
                            (self._uidnext, self._highest, self._id))
         before = self._rows
         self._rows = after = {row.uid: row for row in sorted(rows.values(), key=lambda r: r.uid)}
-        # Reported against what this object showed before: other sessions' work counts too.
-        return SyncResult(
-            added=tuple(uid for uid in after if uid not in before),
-            vanished=tuple(uid for uid in before if uid not in after),
-            changed=tuple(uid for uid, row in after.items()
-                          if uid in before and before[uid].modseq != row.modseq),
-        )
+        self._changed_rows()
+        changes = store._index.committed_changes
+        if (moved or changes is None or new_mtime < 0 or cur_mtime < 0
+                or now - max(new_mtime, cur_mtime) <= _RACY_NS):
+            # Moving new mail changed both directories after the listing: the next sync lists
+            # them again anyway. A listing too close to an mtime can never be trusted.
+            SNAPSHOTS.put(self._snapshot_key, None)
+        else:
+            self._snapshot = _Snapshot(changes, (self._id, self._uidvalidity, self._uidnext,
+                                                 self._highest), new_mtime, cur_mtime, dict(after))
+            SNAPSHOTS.put(self._snapshot_key, self._snapshot)
+        return self._result(before, after)
 
     def _move_new(self, listing: dict[str, str], rows: dict[str, _Row]) -> bool:
         """Move every file of ``new/`` to ``cur/`` (updating *listing*); fsync both once."""
@@ -598,6 +756,7 @@ class MaildirMailbox:
                            " WHERE mailbox = ? AND uid = ?",
                            (target, letters, keywords, row.modseq, self._id, uid))
                 self._rows[uid] = row
+                self._changed_rows()
                 changed.append(row.info())
             if renamed:
                 try:
@@ -666,6 +825,8 @@ class MaildirMailbox:
                            (self._highest, self._id))
         for uid in removed:
             self._rows.pop(uid, None)
+        if removed:
+            self._changed_rows()
         return removed
 
     def append(
@@ -715,6 +876,7 @@ class MaildirMailbox:
             db.execute("UPDATE mailboxes SET uidnext = ?, highestmodseq = ? WHERE id = ?",
                        (self._uidnext, self._highest, self._id))
         self._rows[uid] = row
+        self._changed_rows()
         return row.info()
 
     # -- sessions -----------------------------------------------------------------------------
@@ -740,6 +902,7 @@ class MaildirMailbox:
 
     def close(self) -> None:
         self._rows = {}
+        self._changed_rows()
         if self._owns_store:
             self._store.close()
 

@@ -1,0 +1,191 @@
+"""The mailbox state a process keeps between sessions (store/maildir.py's snapshots): used only
+while the index's change counter, the folder's row and the mtimes of new/ and cur/ are as they
+were, and never for a listing taken too close to a directory's mtime."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from postroom.store import maildir as maildir_module
+from postroom.store import open_inbox, open_store
+from postroom.store.maildir import MaildirMailbox
+from tests.pop3_support import deliver
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "Maildir"
+    for sub in ("tmp", "new", "cur"):
+        (path / sub).mkdir(parents=True)
+    return path
+
+
+@pytest.fixture
+def listings(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Every directory the store lists."""
+    seen: list[str] = []
+    real = os.listdir
+
+    def counting(path: str | os.PathLike[str] = ".") -> list[str]:
+        seen.append(os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(maildir_module.os, "listdir", counting)
+    yield seen
+
+
+def age(root: Path, seconds: float = 10.0) -> None:
+    """Make new/ and cur/ look last changed *seconds* ago, as a mailbox nobody touched has (the
+    tests cannot wait out the racy window)."""
+    then = time.time_ns() - int(seconds * 1e9)
+    for sub in ("new", "cur"):
+        os.utime(root / sub, ns=(then, then))
+
+
+def session(root: Path) -> tuple[list[tuple[int, str, frozenset[str]]], MaildirMailbox]:
+    """A POP3-like session: open, lock, sync moving new mail, list, close."""
+    box = open_inbox(root)
+    lock = box.lock_exclusive("pop3")
+    try:
+        box.sync(move_new=True)
+        return [(m.uid, m.key, m.flags) for m in box.messages()], box
+    finally:
+        lock.release()
+        box.close()
+
+
+def warm(root: Path, count: int = 3) -> list[tuple[int, str, frozenset[str]]]:
+    for i in range(count):
+        deliver(root, f"Subject: {i}\n\nbody {i}\n".encode())
+    session(root)  # moves new/ to cur/: both directories just changed
+    age(root)
+    listed, _ = session(root)  # lists the aged directories: its state is kept
+    return listed
+
+
+def test_an_unchanged_mailbox_is_not_listed_again(root: Path, listings: list[str]) -> None:
+    before = warm(root)
+    listings.clear()
+    for _ in range(3):
+        listed, _box = session(root)
+        assert listed == before
+    assert listings == []  # neither new/ nor cur/, three sessions long
+
+
+def test_a_delivery_between_two_sessions_is_seen(root: Path, listings: list[str]) -> None:
+    before = warm(root)
+    listings.clear()
+    assert session(root)[0] == before and listings == []
+    path = deliver(root, b"Subject: late\n\nlate\n")
+    listed, _ = session(root)
+    assert [key for _uid, key, _flags in listed] == [k for _u, k, _f in before] + [path.name]
+    assert listed[-1][0] == before[-1][0] + 1
+    assert listings  # listed for real
+
+
+def test_a_rename_in_cur_by_another_program_is_seen(root: Path) -> None:
+    warm(root)
+    assert session(root)[0][0][2] == frozenset()
+    (name,) = [n for n in os.listdir(root / "cur") if n.startswith(session(root)[0][0][1])]
+    os.rename(root / "cur" / name, root / "cur" / (name.partition(":")[0] + ":2,F"))
+    assert session(root)[0][0][2] == {"\\Flagged"}
+
+
+def test_a_removal_by_another_program_is_seen(root: Path) -> None:
+    before = warm(root)
+    (name,) = [n for n in os.listdir(root / "cur") if n.startswith(before[1][1])]
+    os.unlink(root / "cur" / name)
+    assert [uid for uid, _k, _f in session(root)[0]] == [before[0][0], before[2][0]]
+
+
+def test_another_process_changing_only_the_index_is_seen(root: Path) -> None:
+    """A keyword lives in the index alone: no directory changes, the change counter does."""
+    warm(root)
+    script = ("import sys; from pathlib import Path; from postroom.store import open_store\n"
+              "with open_store(Path(sys.argv[1])) as s:\n"
+              "    box = s.mailbox(); box.sync(move_new=False)\n"
+              "    box.store_flags([2], add={'$Important'})\n")
+    subprocess.run([sys.executable, "-c", script, str(root)], check=True, timeout=60)
+    listed, _ = session(root)
+    assert listed[1][2] == {"$Important"}
+
+
+def test_our_own_changes_are_seen_by_the_next_session(root: Path, listings: list[str]) -> None:
+    warm(root)
+    box = open_inbox(root)
+    box.sync()
+    box.store_flags([1], add={"$Work"})  # index only
+    box.expunge([3])
+    box.close()
+    age(root)
+    listings.clear()
+    listed, _ = session(root)
+    assert [(uid, flags) for uid, _k, flags in listed] == [(1, {"$Work"}), (2, frozenset())]
+    assert listings  # the counter moved: a full sync
+
+
+def test_a_racy_listing_is_not_trusted(root: Path, listings: list[str]) -> None:
+    """A listing taken right after a directory changed may miss a change in the same clock
+    tick, which leaves the mtime as it was: the next session lists again."""
+    for i in range(2):
+        deliver(root, f"Subject: {i}\n\n".encode())
+    session(root)
+    listings.clear()
+    session(root)  # the directories changed just now
+    assert listings
+    listings.clear()
+    session(root)
+    assert listings  # still within the window: never trusted
+
+
+def test_sessions_do_not_share_rows(root: Path) -> None:
+    """A mailbox that finds a message renamed keeps the new path to itself; the kept state is
+    copied into each mailbox."""
+    warm(root)
+    with open_store(root) as store:
+        one = store.mailbox()
+        one.sync(move_new=False)
+        (name,) = [n for n in os.listdir(root / "cur") if n.startswith(one.messages()[0].key)]
+        os.rename(root / "cur" / name, root / "cur" / (name + "S"))
+        assert one.read_message(1, 100).startswith(b"Subject: 0")
+        assert one.message_path(1).name == name + "S"
+    kept = maildir_module.SNAPSHOTS.get((str(root), "INBOX"))
+    assert kept is not None and kept.rows[1].path == "cur/" + name
+
+
+def test_the_kept_rows_are_bounded(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshots = maildir_module._Snapshots(limit=4)
+    monkeypatch.setattr(maildir_module, "SNAPSHOTS", snapshots)
+    warm(root, count=3)
+    assert snapshots.get((str(root), "INBOX")) is not None
+    other = root.parent / "Other"
+    for sub in ("tmp", "new", "cur"):
+        (other / sub).mkdir(parents=True)
+    warm(other, count=2)  # 3 + 2 rows > 4: the older mailbox goes
+    assert snapshots.get((str(root), "INBOX")) is None
+    assert snapshots.get((str(other), "INBOX")) is not None
+
+
+def test_any_index_write_elsewhere_is_seen(root: Path, listings: list[str]) -> None:
+    """Every write transaction that changes a row moves the change counter, even one that
+    leaves the folder's own counters (UIDNEXT, HIGHESTMODSEQ) alone."""
+    from postroom.store.index import Index
+
+    warm(root)
+    index = Index(root)
+    try:
+        with index.write() as db:
+            db.execute("UPDATE messages SET keywords = 'Elsewhere' WHERE uid = 2")
+    finally:
+        index.close()
+    listings.clear()
+    listed, _ = session(root)
+    assert listed[1][2] == {"Elsewhere"}
+    assert listings
