@@ -189,3 +189,20 @@ def test_any_index_write_elsewhere_is_seen(root: Path, listings: list[str]) -> N
     listed, _ = session(root)
     assert listed[1][2] == {"Elsewhere"}
     assert listings
+
+
+def test_storing_flags_that_are_already_set_changes_nothing(tmp_path: Path) -> None:
+    """A POP3 session that retrieves mail already marked seen must not make the next login
+    miss the cache: an update that changes no row leaves the index's change counter alone."""
+    maildir = tmp_path / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    (maildir / "cur" / "1700000000.M1P1.test,S=4:2,S").write_bytes(b"x\n\nb\n")
+    with open_store(maildir) as store:
+        box = store.mailbox("INBOX")
+        box.sync()
+        uids = [info.uid for info in box.messages()]
+        before = store._index.committed_changes
+        assert box.store_flags(uids, add={"\\Seen"}) == []
+        assert box.store_flags([], add={"\\Seen"}) == []
+        assert store._index.committed_changes == before

@@ -763,7 +763,9 @@ class MaildirMailbox:
                     _fsync_dir(self._path / "cur")
                 except OSError as exc:
                     raise _storage(exc, f"fsync of {self._path / 'cur'}") from exc
-            db.execute("UPDATE mailboxes SET highestmodseq = ? WHERE id = ?", (self._highest, self._id))
+            if changed:  # an UPDATE that changes nothing still counts as a change of the index
+                db.execute("UPDATE mailboxes SET highestmodseq = ? WHERE id = ?",
+                           (self._highest, self._id))
         return changed
 
     def _rename(self, key: str, current: str, add: frozenset[str],
