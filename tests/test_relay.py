@@ -450,3 +450,13 @@ def test_a_transport_override_skips_the_mx_lookup(tmp_path: Path) -> None:
         finally:
             sender.stop()
             receiver.stop()
+
+
+def test_a_bounce_reaches_a_sender_with_a_quota(net: Net) -> None:
+    """Routing a notice to a mailbox with a quota needs its usage counted (off the loop)."""
+    net.sender.cli("user", "quota", "alice@example.com", "100M")
+    send(net.sender, "alice@example.com", "nobody@remote.test", subject="quota bounce")
+    [bounce] = wait_bounce(net.sender, "alice@example.com")
+    assert bounce["Subject"] == "Undelivered Mail Returned to Sender"
+    net.sender.wait_for(lambda: not list((net.sender.data_dir / "queue/active").iterdir()))
+    assert "queue run failed" not in net.sender.log()

@@ -25,6 +25,7 @@ from postroom.delivery.remote import (
     BytesSource,
     ConnectionCache,
     FileSource,
+    RecipientResult,
     RemoteDeliverer,
     RemoteSettings,
 )
@@ -717,3 +718,15 @@ def test_failed_opportunistic_handshake_retries_in_plaintext(
     assert rcpt.verdict is Verdict.DELIVERED and not rcpt.tls
     assert receiver.connections == 2 and len(receiver.messages) == 1
     assert any("trying plaintext" in note for note in result.notes)
+
+
+def test_552_to_rcpt_is_retried_but_552_to_the_message_bounces() -> None:
+    """RFC 5321 4.5.3.1.10: a 552 to RCPT is the legacy "too many recipients" (retried, as
+    Postfix does); a 552 at the end of the message (too big) is final."""
+    rcpt = OutboundRecipient("a@grey.test")
+    too_many = RecipientResult(rcpt, Reply(552, "5.5.3", "Too many recipients"), Stage.RCPT,
+                               local=False)
+    too_big = RecipientResult(rcpt, Reply(552, "5.3.4", "Message too big"), Stage.END,
+                              local=False)
+    assert too_many.verdict is Verdict.TEMPORARY
+    assert too_big.verdict is Verdict.PERMANENT

@@ -248,6 +248,7 @@ class Receiver:
             auth_user=client.auth_user if self.settings.received_auth_user else None,
         )
         received = received_header(trace)
+        trace_header = received
         if client.auth_user is not None:  # a submission (RFC 6409 8): complete what is missing
             fixes = submission_fixes(headers, hostname=self.settings.hostname,
                                      queue_id=envelope.queue_id, timestamp=trace.timestamp)
@@ -275,7 +276,7 @@ class Receiver:
         delivered = [(r, Action.DELIVERED) for r in wanted if r.state is RecipientState.DELIVERED]
         if delivered and self.notifier is not None:  # RFC 3461 NOTIFY=SUCCESS, after the 250
             task = asyncio.get_running_loop().create_task(
-                self._success_notice(envelope, received + headers + b"\r\n", delivered))
+                self._success_notice(envelope, trace_header + headers + b"\r\n", delivered))
             self._notices.add(task)
             task.add_done_callback(self._notices.discard)
         return codes.ok_queued(envelope.queue_id)

@@ -135,6 +135,10 @@ class RecipientResult:
 
     @property
     def verdict(self) -> Verdict:
+        # RFC 5321 4.5.3.1.10: some servers answer 552 (not 452) to one RCPT too many; it
+        # means "not in this transaction", so it is retried, as Postfix does.
+        if self.stage is Stage.RCPT and self.reply.code == 552:
+            return Verdict.TEMPORARY
         return verdict(self.reply.code)
 
     @property

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from postroom import log
+from postroom.delivery.maildir import UsageUnknown
 from postroom.errors import StorageError
 from postroom.ids import new_queue_id
 from postroom.message.address import parse_path
@@ -92,7 +93,12 @@ class Notifier:
             log.event(envelope.queue_id, logging.WARNING, status="notification failed",
                       status_detail=str(exc))
             return False
-        queue_id = await self._spool_notice(dsn.recipient, dsn.data, dsn.eight_bit, dsn.smtputf8)
+        try:
+            queue_id = await self._spool_notice(dsn.recipient, dsn.data, dsn.eight_bit,
+                                                dsn.smtputf8)
+        except Exception:  # never lose the duty to notify: the next run tries again
+            logger.exception("%s: spooling a %s failed", envelope.queue_id, _WHAT[kind])
+            return False
         if queue_id is None:
             return False
         for recipient, _ in recipients:
@@ -124,7 +130,13 @@ class Notifier:
     async def _spool_notice(self, to: str, data: bytes, eight_bit: bool, smtputf8: bool
                             ) -> str | None:
         address = parse_path(f"<{to}>", utf8=True)
-        outcome = self.router.resolve(address, may_relay=True)
+        try:
+            outcome = self.router.resolve(address, may_relay=True)
+        except UsageUnknown as unknown:  # a quota needs a count: off the loop, then again
+            await asyncio.to_thread(self.spool.usage.usage, unknown.root)
+            outcome = self.router.resolve(address, may_relay=True)
+        if isinstance(outcome, Rejected) and outcome.code // 100 == 4:
+            return None  # temporary (a lookup failed): try the notice again later
         if isinstance(outcome, Rejected):  # e.g. the sender's local mailbox is gone
             logger.warning("notice to <%s> not sent: %d %s %s", to, outcome.code,
                            outcome.enhanced, outcome.text)

@@ -135,6 +135,7 @@ class _Work:
     expires: float
     successes: list[tuple[Recipient, Action]] = dataclasses.field(default_factory=list)
     saving: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    held: str | None = None  # the destination whose slot the message's turn already holds
 
 
 class QueueRunner:
@@ -265,19 +266,22 @@ class QueueRunner:
                 ):
                     earliest = recipient.next_attempt
             if due or finished(envelope) or any(map(owes_failure_notice, envelope.recipients)):
-                work.append(self._launch(gate, envelope.queue_id, path, now))
+                work.append(self._launch(gate, envelope.queue_id, path, now,
+                                         _only_domain(due)))
         return earliest, work
 
-    def queued(self, queue_id: str, path: Path) -> None:
+    def queued(self, envelope: Envelope, path: Path) -> None:
         """The spool just queued this message: work on it without reading the whole queue
         (a rescan per accepted message would cost O(queue) each under load)."""
+        queue_id = envelope.queue_id
         if self._task is None or self._stopping or queue_id in self._inflight:
             return
-        self._launch(self._gate, queue_id, path, self._clock())
+        self._launch(self._gate, queue_id, path, self._clock(),
+                     _only_domain([r for r in envelope.recipients if _waiting(r)]))
 
-    def _launch(self, gate: asyncio.Semaphore, queue_id: str, path: Path,
-                now: float) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._guarded(gate, queue_id, path, now))
+    def _launch(self, gate: asyncio.Semaphore, queue_id: str, path: Path, now: float,
+                domain: str | None = None) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._guarded(gate, queue_id, path, now, domain))
         self._inflight.add(queue_id)
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._done(t, queue_id))
@@ -310,11 +314,27 @@ class QueueRunner:
             self._next_due = when
             self._resched.set()
 
-    async def _guarded(self, gate: asyncio.Semaphore, queue_id: str, path: Path,
-                       now: float) -> None:
+    async def _guarded(self, gate: asyncio.Semaphore, queue_id: str, path: Path, now: float,
+                       domain: str | None = None) -> None:
+        """One message's turn. A message for a single remote domain first waits for a slot of
+        that destination, holding nothing else: a slow destination never fills the global
+        limit, and an operator's hold or delete never waits behind a queue of its mail."""
+        if domain is None:
+            await self._turn(gate, queue_id, path, now, None)
+            return
+        async with self._destination(domain):
+            await self._turn(gate, queue_id, path, now, domain)
+
+    def _destination(self, domain: str) -> asyncio.Semaphore:
+        return self._destinations.setdefault(
+            domain, asyncio.Semaphore(self.config.outbound.max_per_destination))
+
+    async def _turn(self, gate: asyncio.Semaphore, queue_id: str, path: Path, now: float,
+                    held: str | None) -> None:
         async with gate:
             if self._stopping:
                 return  # not started: the next run takes it
+            now = max(now, self._clock())  # the turn may come long after the scan
             try:
                 async with self.message_lock(queue_id):
                     # The scan's copy may be stale: an operator may have held, deleted or
@@ -329,7 +349,7 @@ class QueueRunner:
                            if _waiting(r) and r.next_attempt <= now]
                     if due or finished(envelope) or any(
                             map(owes_failure_notice, envelope.recipients)):
-                        await self._process(envelope, path, due, now)
+                        await self._process(envelope, path, due, now, held)
                     waiting = [r.next_attempt for r in envelope.recipients if _waiting(r)]
                     if waiting:
                         self._due_at(min(waiting))
@@ -339,10 +359,11 @@ class QueueRunner:
                 logger.exception("%s: queue run failed for this message", queue_id)
 
     async def _process(
-        self, envelope: Envelope, path: Path, due: list[Recipient], now: float
+        self, envelope: Envelope, path: Path, due: list[Recipient], now: float,
+        held: str | None = None,
     ) -> None:
         expires = envelope.arrival + self.config.queue.max_lifetime
-        work = _Work(envelope, path, now, expires)
+        work = _Work(envelope, path, now, expires, held=held)
         local = [r for r in due if isinstance(r.destination, LocalDelivery)]
         if local:
             await self._begin(work, local)
@@ -361,9 +382,11 @@ class QueueRunner:
             await self._save(work)
         remote = [r for r in due if isinstance(r.destination, RemoteDelivery)]
         if remote:
+            # Every transaction ends before the message lock is let go, whatever happens to
+            # the others; a failure of one is settled as a deferral by _relay itself.
             await asyncio.gather(*(
                 self._relay(work, domain, group) for domain, group in self._transactions(remote)
-            ))
+            ), return_exceptions=True)
         await self._notices(envelope, path, now, expires, work.successes)
         async with work.saving:
             await self._record(envelope, path)
@@ -401,7 +424,28 @@ class QueueRunner:
                 for i in range(0, len(group), limit)]
 
     async def _relay(self, work: _Work, domain: str, recipients: list[Recipient]) -> None:
-        """One SMTP transaction for *recipients* of *domain*, then their outcomes."""
+        """One SMTP transaction for *recipients* of *domain*, then their outcomes. Never
+        raises: an unexpected failure defers the recipients (and the backoff applies)."""
+        try:
+            await self._relay_once(work, domain, recipients)
+        except Exception as exc:
+            logger.exception("%s: delivery to %s failed", work.envelope.queue_id, domain)
+            detail = f"local error in delivery: {exc.__class__.__name__}"
+            for recipient in recipients:
+                if recipient.state.done:
+                    continue
+                if recipient.last_error != ATTEMPT_UNDER_WAY:  # failed before it began
+                    recipient.attempts += 1
+                    recipient.state = RecipientState.DEFERRED
+                    recipient.next_attempt = self._next_attempt(recipient.attempts, work.now,
+                                                                work.expires)
+                self._settle(work.envelope, recipient,
+                             _Attempt(False, detail, "4.3.0", relay="none"),
+                             work.now, work.expires, work.successes)
+            with contextlib.suppress(Exception):
+                await self._save(work)
+
+    async def _relay_once(self, work: _Work, domain: str, recipients: list[Recipient]) -> None:
         envelope, path, now, expires = work.envelope, work.path, work.now, work.expires
         successes = work.successes
         deliverer = self.deliverer
@@ -419,9 +463,11 @@ class QueueRunner:
                              now, expires, successes)
             await self._save(work)
             return
-        semaphore = self._destinations.setdefault(
-            domain, asyncio.Semaphore(self.config.outbound.max_per_destination))
-        async with semaphore:  # waiting here is not an attempt yet
+        slot: contextlib.AbstractAsyncContextManager[object] = (
+            contextlib.nullcontext() if work.held == domain else self._destination(domain))
+        async with slot:  # waiting here is not an attempt yet
+            if self._stopping:
+                return  # stopping: nothing new starts; the recipients stay due
             source = await asyncio.to_thread(QueuedMessage, path)
             try:
                 outbound = OutboundEnvelope(
@@ -614,3 +660,10 @@ class QueuedMessage:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _only_domain(recipients: list[Recipient]) -> str | None:
+    """The one remote domain among *recipients*, or None (none, or several)."""
+    domains = {r.address.rpartition("@")[2].lower() for r in recipients
+               if isinstance(r.destination, RemoteDelivery)}
+    return domains.pop() if len(domains) == 1 else None

@@ -187,8 +187,8 @@ class Spool:
         self.first_retry = first_retry
         #: Called on the event loop after :meth:`accept` wrote a queue file (the queue runner
         #: sets it to its ``wake``).
-        #: Called with (queue id, queue file) when a message was queued (the queue runner).
-        self.on_queued: Callable[[str, Path], None] | None = None
+        #: Called with (envelope, queue file) when a message was queued (the queue runner).
+        self.on_queued: Callable[[Envelope, Path], None] | None = None
         self._make_dirs()
 
     def _make_dirs(self) -> None:
@@ -259,7 +259,7 @@ class Spool:
         if result.queue_file is None:
             log_removed(envelope.queue_id)
         elif self.on_queued is not None:
-            self.on_queued(envelope.queue_id, result.queue_file)
+            self.on_queued(envelope, result.queue_file)
         return result
 
     def _after_cancel(
