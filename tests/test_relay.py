@@ -460,3 +460,30 @@ def test_a_bounce_reaches_a_sender_with_a_quota(net: Net) -> None:
     assert bounce["Subject"] == "Undelivered Mail Returned to Sender"
     net.sender.wait_for(lambda: not list((net.sender.data_dir / "queue/active").iterdir()))
     assert "queue run failed" not in net.sender.log()
+
+
+def test_with_two_workers_queued_mail_goes_out_at_once(tmp_path: Path) -> None:
+    """The queue runner lives in worker 0; mail the other worker queues rings it, so it does
+    not wait for the next periodic scan (a minute here)."""
+    port = free_port()
+    with serve_dns(ZONE) as dns:
+        receiver = make_server(tmp_path / "b", host="127.0.0.2", port=port,
+                               hostname="mx1.remote.test")
+        receiver.cli("domain", "add", "remote.test")
+        receiver.cli("user", "add", "carol@remote.test", "--password-stdin", stdin="c\n")
+        config = relay_config(dns.port, port).replace("scan_interval = 0.5", "scan_interval = 60")
+        sender = make_server(tmp_path / "a", config, server_extra="workers = 2")
+        receiver.start()
+        sender.start()
+        try:
+            time.sleep(1.0)  # the first scans are over
+            for n in range(12):  # one connection each: the kernel spreads them over both
+                send(sender, "alice@example.com", "carol@remote.test", subject=f"w{n}")
+            receiver.wait_for(lambda: len(receiver.messages("carol@remote.test")) == 12,
+                              timeout=15)
+            pids = {line.split("]:")[0].rsplit("[", 1)[1] for line in sender.log().splitlines()
+                    if "client=" in line}
+            assert len(pids) == 2, "both workers took some of the mail"
+        finally:
+            sender.stop()
+            receiver.stop()

@@ -49,6 +49,7 @@ from postroom.policy.authlimit import AuthThrottle, LocalThrottle, SharedThrottl
 from postroom.policy.router import Router
 from postroom.queue.bounce import Notifier
 from postroom.queue.committer import Committer
+from postroom.queue.envelope import Envelope
 from postroom.queue.runner import QueueRunner
 from postroom.queue.spool import Spool
 from postroom.receive import Receiver, ReceiveSettings
@@ -222,6 +223,7 @@ class Daemon:
         counts: ConnectionCounts | None = None,
         tls_context: ssl.SSLContext | None = None,
         logins: LoginParts | None = None,
+        queue_bell: tuple[int, int] | None = None,
     ) -> None:
         self.config = config
         self.sockets = sockets
@@ -229,6 +231,9 @@ class Daemon:
         self.counts = counts
         self.tls_context = tls_context
         self.logins = logins
+        #: With several workers, a pipe (read end, write end): the others ring it when they
+        #: queue a message, and worker 0, whose queue runner is the only one, wakes up.
+        self.queue_bell = queue_bell
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -264,6 +269,7 @@ class Daemon:
         if self.worker == 0:  # the queue tools talk to the runner's process
             control = ControlServer(socket_path(data_dir), queue_handler(
                 data_dir, message_lock=runner.message_lock, on_change=runner.wake))
+        self._wire_bell(loop, spool, runner)
         try:
             if control is not None:
                 await control.start()
@@ -288,6 +294,25 @@ class Daemon:
             await asyncio.to_thread(committer.stop)
             accounts.close()
             log.logger.info("stopped")
+
+    def _wire_bell(self, loop: asyncio.AbstractEventLoop, spool: Spool,
+                   runner: QueueRunner) -> None:
+        if self.queue_bell is None:
+            return
+        read_end, write_end = self.queue_bell
+        if self.worker == 0:
+            def rang() -> None:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(read_end, 4096)
+                runner.wake()  # one scan, however many rang meanwhile
+
+            loop.add_reader(read_end, rang)
+        else:
+            def ring(envelope: Envelope, path: Path) -> None:
+                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending
+                    os.write(write_end, b"\0")
+
+            spool.on_queued = ring
 
     def reload(self) -> None:
         old = self.config
@@ -415,6 +440,10 @@ class Supervisor:
         self.context = context
         self.logins = logins
         self.counts = SharedCounts(config.server.workers)
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        self.queue_bell = (read_end, write_end)
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started)
         self.respawn: dict[int, float] = {}  # worker index -> when to start it again
         self.failures: dict[int, int] = {}  # worker index -> fast failures in a row
@@ -433,7 +462,8 @@ class Supervisor:
                 self.counts.worker = worker
                 log.after_fork()  # the log files stay open: they were opened as root
                 daemon = Daemon(self.config, self.sockets, worker=worker, counts=self.counts,
-                                tls_context=self.context, logins=self.logins)
+                                tls_context=self.context, logins=self.logins,
+                                queue_bell=self.queue_bell)
                 _run(daemon.run())
             except BaseException:
                 log.logger.exception("worker %d failed", worker)
