@@ -130,6 +130,7 @@ def test_handler_failures_become_error_answers(sock_path: Path) -> None:
         (b'{"op": 5}\n', 'request must be an object with a string "op"'),
         (b'{"op": "x", "args": [1]}\n', '"args" must be an object'),
         (b'{"op": "x"}', "request without a final newline"),
+        (b"[" * 30_000 + b"]" * 30_000 + b"\n", "request is nested too deeply"),
         (b'{"op": "' + b"x" * (control.MAX_REQUEST + 10) + b'"}\n', "request longer than"),
     ],
 )

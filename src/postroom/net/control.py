@@ -213,6 +213,8 @@ class ControlServer:
             request = json.loads(line)
         except (ValueError, UnicodeDecodeError):
             return admin.error_response("request is not JSON")
+        except RecursionError:  # thousands of nested brackets: no request of ours is like that
+            return admin.error_response("request is nested too deeply")
         if not isinstance(request, dict) or not isinstance(request.get("op"), str):
             return admin.error_response('request must be an object with a string "op"')
         args = request.get("args", {})
