@@ -45,6 +45,7 @@ from typing import Any, BinaryIO, Final, Protocol, runtime_checkable
 from postroom import log
 from postroom.errors import StorageError
 from postroom.net.auth import account_name
+from postroom.net.drain import drain
 from postroom.net.limits import ConnectionCounts, LocalCounts
 from postroom.net.session import TLS_SHUTDOWN_TIMEOUT
 from postroom.net.tls import describe
@@ -76,7 +77,6 @@ _SWEEP_INTERVAL: Final = 1.0
 #: At shutdown, how long a session whose transport is closing (its last response written; a TLS
 #: one waits for the client's close_notify, RFC 8446 6.1) may take before it is aborted: an idle
 #: client that never answers must not hold the shutdown for its whole grace period.
-CLOSING_GRACE: Final = 1.0
 
 
 class LoginThrottle(Protocol):
@@ -891,23 +891,7 @@ class Pop3Server:
         self.shutting_down = True
         for server in self._servers:
             server.close()
-        for session in list(self.sessions):
-            session.shutdown()
-        deadline = time.monotonic() + self.settings.shutdown_grace
-        closing_since: dict[Pop3Session, float] = {}
-        while self.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            now = time.monotonic()
-            for session in list(self.sessions):
-                session.shutdown()
-                # closing: it said its last response; at most the TLS goodbye is left
-                if session.closing and now - closing_since.setdefault(session, now) >= CLOSING_GRACE:
-                    session.abort()
-        for session in list(self.sessions):
-            session.shutdown(force=True)
-        await asyncio.sleep(0.05)
-        for session in list(self.sessions):
-            session.abort()
+        await drain(self.sessions, self.settings.shutdown_grace)
         if self.sessions:  # connection_lost() starts each session's cleanup: wait for it
             self._drained = asyncio.Event()
             with contextlib.suppress(TimeoutError):

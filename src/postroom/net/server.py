@@ -5,8 +5,8 @@ one address; a connection over either gets ``421 4.7.0`` instead of a banner. Ti
 4.5.3.2) are checked once a second by one sweeper for every session. Shutdown (SIGTERM) stops
 accepting, tells idle sessions ``421 4.3.2``, lets transactions in flight finish for
 ``smtp.shutdown_grace`` seconds, then closes what is left. A session that has already closed its
-side is not waited for beyond :data:`CLOSING_GRACE`: an idle TLS client that never answers our
-close_notify would otherwise hold the whole grace period.
+side is not waited for beyond :data:`postroom.net.drain.CLOSING_GRACE`: an idle TLS client
+that never answers our close_notify would otherwise hold the whole grace period.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from postroom import log
 from postroom.config import Config, ListenerSection
 from postroom.net.auth import AuthService
+from postroom.net.drain import drain
 from postroom.net.limits import ConnectionCounts, LocalCounts
 from postroom.net.session import TLS_SHUTDOWN_TIMEOUT, SmtpSession
 from postroom.policy.relay import may_relay
@@ -31,7 +32,6 @@ from postroom.smtp.server import ServerSettings
 _SWEEP_INTERVAL = 1.0
 #: At shutdown, how long a session whose transport is closing may take to finish (its last reply
 #: leaving, the client answering TLS close_notify) before it is aborted.
-CLOSING_GRACE = 1.0
 
 
 def smtp_settings(config: Config) -> ServerSettings:
@@ -166,23 +166,7 @@ class SmtpServer:
         self.shutting_down = True
         for server in self._servers:
             server.close()
-        for session in list(self.sessions):
-            session.shutdown()
-        deadline = time.monotonic() + self.config.smtp.shutdown_grace
-        closing_since: dict[SmtpSession, float] = {}
-        while self.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            now = time.monotonic()
-            for session in list(self.sessions):
-                session.shutdown()
-                # closing: it said its 421; at most the TLS goodbye is left
-                if session.closing and now - closing_since.setdefault(session, now) >= CLOSING_GRACE:
-                    session.abort()
-        for session in list(self.sessions):
-            session.shutdown(force=True)
-        await asyncio.sleep(0.05)
-        for session in list(self.sessions):
-            session.abort()
+        await drain(self.sessions, self.config.smtp.shutdown_grace)
         if self._sweeper is not None:
             self._sweeper.cancel()
         for server in self._servers:
