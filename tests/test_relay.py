@@ -46,14 +46,19 @@ class Net:
     receiver: ServerHandle  # mx1.remote.test on 127.0.0.2, user carol@remote.test
 
 
+def remote_mx(root: Path, port: int) -> ServerHandle:
+    """mx1.remote.test: a postroom on 127.0.0.2:*port* with the user carol@remote.test."""
+    receiver = make_server(root, host="127.0.0.2", port=port, hostname="mx1.remote.test")
+    receiver.cli("domain", "add", "remote.test")
+    receiver.cli("user", "add", "carol@remote.test", "--password-stdin", stdin="c\n")
+    return receiver
+
+
 @pytest.fixture
 def net(tmp_path: Path) -> Iterator[Net]:
     port = free_port()
     with serve_dns(ZONE) as dns:
-        receiver = make_server(tmp_path / "b", host="127.0.0.2", port=port,
-                               hostname="mx1.remote.test")
-        receiver.cli("domain", "add", "remote.test")
-        receiver.cli("user", "add", "carol@remote.test", "--password-stdin", stdin="c\n")
+        receiver = remote_mx(tmp_path / "b", port)
         sender = make_server(tmp_path / "a", relay_config(dns.port, port))
         receiver.start()
         sender.start()
@@ -406,10 +411,7 @@ def test_delay_warning_once(tmp_path: Path) -> None:
 def test_a_dead_destination_is_skipped_and_does_not_hold_up_others(tmp_path: Path) -> None:
     port = free_port()
     with serve_dns(ZONE) as dns:
-        receiver = make_server(tmp_path / "b", host="127.0.0.2", port=port,
-                               hostname="mx1.remote.test")
-        receiver.cli("domain", "add", "remote.test")
-        receiver.cli("user", "add", "carol@remote.test", "--password-stdin", stdin="c\n")
+        receiver = remote_mx(tmp_path / "b", port)
         sender = make_server(tmp_path / "a", relay_config(
             dns.port, port, outbound="dead_destination_time = 30"))
         receiver.start()
@@ -434,10 +436,7 @@ def test_a_dead_destination_is_skipped_and_does_not_hold_up_others(tmp_path: Pat
 def test_a_transport_override_skips_the_mx_lookup(tmp_path: Path) -> None:
     port = free_port()
     with serve_dns(ZONE) as dns:
-        receiver = make_server(tmp_path / "b", host="127.0.0.2", port=port,
-                               hostname="mx1.remote.test")
-        receiver.cli("domain", "add", "remote.test")
-        receiver.cli("user", "add", "carol@remote.test", "--password-stdin", stdin="c\n")
+        receiver = remote_mx(tmp_path / "b", port)
         sender = make_server(tmp_path / "a", relay_config(
             dns.port, 9, outbound=f'transports = {{ "remote.test" = "[127.0.0.2]:{port}" }}'))
         receiver.start()
@@ -467,10 +466,7 @@ def test_with_two_workers_queued_mail_goes_out_at_once(tmp_path: Path) -> None:
     not wait for the next periodic scan (a minute here)."""
     port = free_port()
     with serve_dns(ZONE) as dns:
-        receiver = make_server(tmp_path / "b", host="127.0.0.2", port=port,
-                               hostname="mx1.remote.test")
-        receiver.cli("domain", "add", "remote.test")
-        receiver.cli("user", "add", "carol@remote.test", "--password-stdin", stdin="c\n")
+        receiver = remote_mx(tmp_path / "b", port)
         config = relay_config(dns.port, port).replace("scan_interval = 0.5", "scan_interval = 60")
         sender = make_server(tmp_path / "a", config, server_extra="workers = 2")
         receiver.start()
