@@ -8,9 +8,10 @@ commits before it answers. Between the kills the test reads the sender's queue f
 restart will: none may be torn, none may call a recipient delivered that the MX never took, and a
 message gone from the queue must have reached all its recipients.
 
-Under strace, the runner's record of an attempt (``attempts`` + 1, written to a new file, fsynced,
-renamed over the queue file, its directory fsynced) is shown to come before the connect() to
-the MX: a crash during the delivery can never make the retry forget that attempt.
+Under strace, the runner's record of an attempt (``attempts`` + 1, appended to the attempt
+journal and fsynced) is shown to come before the connect() to the MX: a crash during the delivery
+can never make the retry forget that attempt. The kill test reads the queue after applying the
+journal, as the restart does.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from postroom.queue import journal
 from postroom.queue.envelope import RecipientState
 from postroom.queue.runner import ATTEMPT_UNDER_WAY
 from postroom.queue.spool import read_envelope
@@ -308,7 +310,9 @@ def test_sigkill_while_relaying_loses_no_recipient(tmp_path: Path) -> None:
 
 def check_queue_after_kill(sender: ServerHandle, recorder: Recorder,
                            msgids: dict[str, str]) -> list[Key]:
-    """Read the queue as a restart will; return the recipients whose attempt was under way."""
+    """Read the queue as a restart will (the attempt journal applied first); return the
+    recipients whose attempt was under way."""
+    journal.recover(sender.data_dir / "queue")
     under_way: list[Key] = []
     local = maildir_ids(sender, LOCAL_QUEUED)
     queued: set[str] = set()
@@ -419,22 +423,25 @@ def test_attempt_is_durable_before_the_connect(tmp_path: Path) -> None:
     queue = str(handle.data_dir / "queue")
     connect_at = next(i for i, (name, args) in enumerate(calls)
                       if name == "connect" and f"htons({port})" in args and "127.0.0.2" in args)
-    # the last queue file written before the connect, and what it says
+    # the last attempt record appended before the connect, and what it says
+    journal_dir = f"{queue}/journal"
     writes = [(i, args) for i, (name, args) in enumerate(calls[:connect_at])
-              if name in ("write", "pwrite64") and f"<{queue}/incoming/" in args]
-    assert writes, "no queue file was written before the connect"
+              if name in ("write", "pwrite64") and f"<{journal_dir}/" in args]
+    assert writes, "no attempt record was written before the connect"
     write_at, written = writes[-1]
-    temp = re.search(rf"<({re.escape(queue)}/incoming/[^>]+)>", written)
-    assert temp, written
-    temp_path = temp.group(1)
+    segment = re.search(rf"<({re.escape(journal_dir)}/[^>]+\.log)>", written)
+    assert segment, written
     assert re.search(r'\\"attempts\\":1\b', written), written[:600]
     assert ATTEMPT_UNDER_WAY in written
     fsync_at = next(i for i, (name, args) in enumerate(calls)
-                    if name in ("fsync", "fdatasync") and f"<{temp_path}>" in args)
-    rename_at = next(i for i, (name, args) in enumerate(calls)
-                     if name.startswith("rename") and f'"{temp_path}"' in args)
-    assert f'"{queue}/active/' in calls[rename_at][1], calls[rename_at]
+                    if i > write_at and name in ("fsync", "fdatasync")
+                    and f"<{segment.group(1)}>" in args)
+    # the segment is new in this process: its name is made durable too
     dir_sync_at = next(i for i, (name, args) in enumerate(calls)
-                       if name == "fsync" and i > rename_at and f"<{queue}/active>" in args)
-    assert write_at < fsync_at < rename_at < dir_sync_at < connect_at, (
-        write_at, fsync_at, rename_at, dir_sync_at, connect_at)
+                       if i > write_at and name == "fsync" and f"<{journal_dir}>" in args)
+    assert write_at < fsync_at < connect_at and dir_sync_at < connect_at, (
+        write_at, fsync_at, dir_sync_at, connect_at)
+    # and no queue file was rewritten for it: the only file renamed into active/ is intake's
+    renames = [args for name, args in calls[:connect_at]
+               if name.startswith("rename") and f'"{queue}/active/' in args]
+    assert renames == [], renames

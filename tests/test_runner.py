@@ -23,6 +23,7 @@ from postroom.config import Config, from_dict
 from postroom.delivery.maildir import MaildirUsage
 from postroom.ids import new_queue_id
 from postroom.policy.routes import LocalDelivery, RemoteDelivery
+from postroom.queue import journal
 from postroom.queue.committer import Committer, Disk
 from postroom.queue.envelope import Envelope, Recipient, RecipientState
 from postroom.queue.runner import (
@@ -46,10 +47,22 @@ QUEUE = {"min_backoff": 10.0, "max_backoff": 40.0, "max_lifetime": 1000.0, "scan
 class RecordingDisk(Disk):
     def __init__(self) -> None:
         self.renames: list[str] = []
+        self.paths: dict[int, str] = {}
+        self.calls: list[tuple[str, str]] = []  # (call, path), in order
+
+    def create(self, path: str) -> int:
+        fd = super().create(path)
+        self.paths[fd] = path
+        return fd
+
+    def fsync(self, fd: int) -> None:
+        super().fsync(fd)
+        self.calls.append(("fsync", self.paths.get(fd, "?")))
 
     def rename(self, src: str, dst: str) -> None:
         super().rename(src, dst)
         self.renames.append(dst)
+        self.calls.append(("rename", dst))
 
 
 class FsyncFailsIn(Disk):
@@ -166,9 +179,14 @@ def test_delivers_due_local_mail(
         b"Return-Path: <a@example.org>\r\nDelivered-To: alice@example.com\r\n" + PREPEND + CONTENT
     ).replace(b"\r\n", b"\n")
     assert not path.exists()
-    # The attempt was recorded (queue file rewritten) before the Maildir copy was made; the
-    # outcome finished the message, so its removal records it (no rewrite first).
-    assert [Path(p).parent for p in disk.renames] == [spool.active, alice.maildir / "new"]
+    # The attempt was recorded (appended to the journal and fsynced, no queue file rewritten)
+    # before the Maildir copy was made; the outcome finished the message, so its removal
+    # records it (no rewrite first).
+    assert [Path(p).parent for p in disk.renames] == [alice.maildir / "new"]
+    journal_sync = next(i for i, (call, p) in enumerate(disk.calls)
+                        if call == "fsync" and Path(p).parent == spool.journal.directory)
+    copy_rename = disk.calls.index(("rename", str(copy)))
+    assert journal_sync < copy_rename, disk.calls
     lines = [r.getMessage() for r in caplog.records]
     assert [DELAYS.sub("", line) for line in lines] == [
         f"{QID}: to=<alice@example.com>, orig_to=<alias@example.com>, relay=local, delay=10, "
@@ -382,6 +400,11 @@ def test_crash_during_attempt_keeps_the_count(tmp_path: Path, committer: Committ
         check=False,
     )
     assert proc.returncode == 0, proc.stderr.decode()
+    # The record is in the attempt journal; the next start (or an offline queue command)
+    # applies it to the queue file before anything reads the queue.
+    assert read_envelope(path).recipients[0].attempts == 0
+    assert journal.recover(spool.root) == 1
+    assert not any(spool.journal.directory.glob("*.log"))
     [rcpt] = read_envelope(path).recipients
     assert rcpt.attempts == 1 and rcpt.state is RecipientState.DEFERRED
     assert rcpt.last_error == ATTEMPT_UNDER_WAY

@@ -28,6 +28,11 @@ the old or the new envelope, never a mix. Moving between ``active/`` and ``hold/
 ``rename(2)``, fsynced in both directories (the destination first: a crash between the two fsyncs
 can leave the old name on disk, never lose the message).
 
+The runner records each attempt in the attempt journal (:mod:`postroom.queue.journal`) before
+it makes it, and the queue file only gets the outcome. After a crash the journal may hold records
+newer than the queue files: every entry point here applies them first (:func:`journal.recover`),
+which is a no-op while a server runs, since the server owns the journal and applies it itself.
+
 The ``retry`` operation, decided here: like flush (every waiting recipient due now), and its
 attempt count set back to 0 so the backoff starts again from ``queue.min_backoff``. It does not
 revive a BOUNCED recipient and does not extend the message's lifetime: a message older than
@@ -50,6 +55,7 @@ from postroom import log
 from postroom.errors import PostroomError, StorageError
 from postroom.ids import is_queue_id
 from postroom.policy.routes import RemoteDelivery
+from postroom.queue import journal
 from postroom.queue.committer import DEFAULT_DISK, Disk, DurableFile, storage_error, sync_dirs
 from postroom.queue.envelope import Envelope, Recipient, RecipientState
 from postroom.queue.incoming import READ_SIZE
@@ -212,6 +218,7 @@ def list_queue(data_dir: Path) -> list[QueueEntry]:
     file is left out with a warning; the queue runner moves it to ``corrupt/``.
     """
     root = queue_root(data_dir)
+    _recover(root)
     found: list[QueueEntry] = []
     for queue in LISTED:
         for name in _names(root / queue):
@@ -245,6 +252,7 @@ def show(data_dir: Path, queue_id: str) -> dict[str, Any] | None:
     next attempt, last error and attempt history, and the header section. None when there is
     no such message."""
     check_id(queue_id)
+    _recover(queue_root(data_dir))
     for _ in range(3):  # it may move between active/ and hold/ while we look
         where = _find(data_dir, queue_id)
         if where is None:
@@ -278,6 +286,16 @@ def show(data_dir: Path, queue_id: str) -> dict[str, Any] | None:
     return None
 
 
+def _recover(root: Path) -> None:
+    """Attempts a crashed server recorded in its journal, applied before the queue is read or
+    changed; a no-op while a server runs (it owns the journal). A failure is logged: the
+    listing is still worth having."""
+    try:
+        journal.recover(root)
+    except (OSError, StorageError) as exc:
+        logger.warning("cannot apply the attempt journal in %s: %s", root, exc)
+
+
 # ---- durable changes -----------------------------------------------------------------------------
 
 
@@ -294,7 +312,7 @@ def _chown_like(path: str, st: os.stat_result) -> None:
         os.chown(path, st.st_uid, st.st_gid)
 
 
-def _rewrite(
+def rewrite(
     data_dir: Path, path: Path, change: Callable[[Envelope], bool], disk: Disk
 ) -> bool | None:
     """Apply *change* to the envelope of queue file *path*, durably. True: rewritten; False:
@@ -324,6 +342,7 @@ def _rewrite(
             raise StorageError(f"{path}: unreadable envelope: {exc}") from exc
         if not change(envelope):
             return False
+        envelope.rev += 1
         temp = queue_root(data_dir) / "incoming" / f"{path.name}.{secrets.token_hex(4)}.tmp"
         with DurableFile(disk, str(temp)) as out:
             try:
@@ -418,7 +437,7 @@ def release(data_dir: Path, queue_id: str, *, disk: Disk = DEFAULT_DISK) -> Outc
         if not target.is_file():
             return Outcome(queue_id, MISSING, "no such message")
         # In active/ but marked held in its envelope (the flag, or HELD recipients).
-        changed = _rewrite(
+        changed = rewrite(
             data_dir, target, lambda env: _is_held(env) and _release_change(env), disk
         )
         if changed is None:
@@ -430,7 +449,7 @@ def release(data_dir: Path, queue_id: str, *, disk: Disk = DEFAULT_DISK) -> Outc
     if target.exists():
         # Never replace a queued message with another of the same name.
         raise StorageError(f"{target} exists; {source} left on hold")
-    if _rewrite(data_dir, source, _release_change, disk) is None:
+    if rewrite(data_dir, source, _release_change, disk) is None:
         return Outcome(queue_id, MISSING, "no such message")
     _move(source, target, disk)
     _log_action(queue_id, "released from hold", "released")
@@ -508,7 +527,7 @@ def flush(
     if where[0] == HOLD:
         return Outcome(queue_id, UNCHANGED, "on hold")
     wanted = domain.lower().rstrip(".") if domain is not None else None
-    changed = _rewrite(
+    changed = rewrite(
         data_dir, where[1], _flush_change(wanted, clock(), reset_attempts=retry), disk
     )
     if changed is None:
@@ -623,6 +642,7 @@ def dispatch(data_dir: Path, op: str, args: dict[str, Any]) -> dict[str, Any]:
     """Carry out one request without a server (the CLI's fallback): the same responses as the
     control socket gives. A refused request is ``{"ok": false, "error": ...}``; a storage
     failure on one message is that message's ERROR outcome."""
+    _recover(queue_root(data_dir))
     try:
         if op in CHANGING_OPS:
             ids = targets(data_dir, op, args)

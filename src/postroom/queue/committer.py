@@ -53,7 +53,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from postroom.errors import StorageError
 
@@ -267,18 +267,32 @@ class DurableFile:
             pass
 
 
-class DirSync:
-    """What one job leaves to the end of its round: files to commit, directories to fsync."""
+class Syncable(Protocol):
+    """Something appended to in a job and made durable once per round (the attempt journal)."""
 
-    __slots__ = ("_files", "_paths")
+    def sync(self) -> None:
+        """Make every append so far durable; raise ``OSError`` if that failed."""
+
+
+class DirSync:
+    """What one job leaves to the end of its round: files to commit, directories to fsync,
+    appended files to fsync."""
+
+    __slots__ = ("_files", "_paths", "_syncs")
 
     def __init__(self) -> None:
         self._paths: dict[str, None] = {}
         self._files: list[DurableFile] = []
+        self._syncs: list[Syncable] = []
 
     def add(self, path: str | os.PathLike[str]) -> None:
         """Fsync directory *path* at the end of the round (the job changed its entries)."""
         self._paths[os.fspath(path)] = None
+
+    def sync_later(self, target: Syncable) -> None:
+        """Call ``target.sync()`` in the round's phase 2, once however many jobs ask."""
+        if target not in self._syncs:
+            self._syncs.append(target)
 
     @property
     def paths(self) -> list[str]:
@@ -316,6 +330,7 @@ def finish_round(disk: Disk, syncs: list[DirSync], errors: list[BaseException | 
     for index, file in pending:
         if errors[index] is None:  # else it is closed and removed below, unsynced
             errors[index] = file._sync()
+    _sync_appends(syncs, errors)
     users: dict[str, list[int]] = {}
     renamed: list[tuple[str, DurableFile]] = []
     for index, file in pending:
@@ -346,6 +361,21 @@ def finish_round(disk: Disk, syncs: list[DirSync], errors: list[BaseException | 
     for directory, file in renamed:
         if directory in synced:
             file.durable = True
+
+
+def _sync_appends(syncs: list[DirSync], errors: list[BaseException | None]) -> None:
+    """One ``sync()`` per appended file of the round; its failure fails every job that appended."""
+    users: dict[int, tuple[Syncable, list[int]]] = {}
+    for index, dirsync in enumerate(syncs):
+        for target in dirsync._syncs:
+            users.setdefault(id(target), (target, []))[1].append(index)
+    for target, indexes in users.values():
+        try:
+            target.sync()
+        except OSError as exc:
+            for index in indexes:
+                if errors[index] is None:
+                    errors[index] = storage_error(exc, "fsync of an appended file")
 
 
 @dataclass(slots=True)

@@ -134,6 +134,9 @@ class Envelope:
     envid: str | None = None  # RFC 3461 ENVID, decoded
     hold: bool = False
     queued: float = 0.0  # time.time() when the message was accepted (end of data)
+    #: Raised by every saved change: the newest of the queue file and the attempt journal's
+    #: records (:mod:`postroom.queue.journal`) is the truth.
+    rev: int = 0
 
     def to_json(self) -> str:
         return json.dumps(
@@ -152,6 +155,7 @@ class Envelope:
                 "envid": self.envid,
                 "hold": self.hold,
                 "queued": self.queued,
+                "rev": self.rev,
             },
             ensure_ascii=False,
             separators=(",", ":"),
@@ -175,6 +179,7 @@ class Envelope:
             envid=data.get("envid"),
             hold=data.get("hold", False),
             queued=data.get("queued", 0.0),
+            rev=data.get("rev", 0),
         )
 
     @property

@@ -136,6 +136,8 @@ class _Work:
     successes: list[tuple[Recipient, Action]] = dataclasses.field(default_factory=list)
     saving: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     held: str | None = None  # the destination whose slot the message's turn already holds
+    #: Journal segments holding this turn's attempt records, released once outcomes are saved.
+    segments: list[str] = dataclasses.field(default_factory=list)
 
 
 class QueueRunner:
@@ -194,6 +196,7 @@ class QueueRunner:
             await task
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self._spool.journal.close)
 
     def wake(self) -> None:
         """Scan now (the spool queued something). Safe to call often."""
@@ -204,6 +207,10 @@ class QueueRunner:
             await asyncio.to_thread(self._spool.clean_incoming)
         except OSError as exc:
             logger.warning("cannot clean %s: %s", self._spool.incoming, exc)
+        try:  # attempts a crash interrupted: count them before anything is retried
+            await asyncio.to_thread(self._spool.journal.open)
+        except (OSError, StorageError) as exc:
+            logger.error("cannot recover the attempt journal: %s", exc)
         while not self._stopping:
             self._wake.clear()
             earliest: float | None = None
@@ -390,17 +397,23 @@ class QueueRunner:
         await self._notices(envelope, path, now, expires, work.successes)
         async with work.saving:
             await self._record(envelope, path)
+        self._spool.journal.release(work.segments)  # kept after a failure: the records count
 
     async def _begin(self, work: _Work, recipients: list[Recipient]) -> None:
         """Record an attempt for *recipients* durably before it is made: a crash during it
-        cannot lose count of it, and the retry waits its backoff."""
+        cannot lose count of it, and the retry waits its backoff. The record is appended to
+        the attempt journal (no new file); the outcome, saved later, supersedes it."""
         for recipient in recipients:
             recipient.attempts += 1
             recipient.state = RecipientState.DEFERRED
             recipient.next_attempt = self._next_attempt(recipient.attempts, work.now, work.expires)
             recipient.last_error = ATTEMPT_UNDER_WAY
             recipient.last_attempt = work.now
-        await self._save(work)
+        envelope = work.envelope
+        envelope.rev += 1
+        line = envelope.to_json()
+        journal = self._spool.journal
+        work.segments.append(await self._committer.submit(lambda ds: journal.append(line, ds)))
 
     async def _save(self, work: _Work) -> None:
         """Rewrite the message's envelope with every state settled so far. Each outcome is
@@ -410,8 +423,15 @@ class QueueRunner:
                 wants(r.notify, DsnKind.SUCCESS) for r, _ in work.successes):
             return  # nothing left to do: the removal that follows records it (one round less)
         async with work.saving:
-            await self._committer.submit(
-                lambda ds: self._spool.update_envelope(work.path, work.envelope, ds))
+            await self._write_envelope(work.envelope, work.path)
+
+    async def _write_envelope(self, envelope: Envelope, path: Path) -> None:
+        """The queue file rewritten with *envelope* (encoded here, off the committer thread)."""
+        envelope.rev += 1
+        line = envelope.to_json()
+        queue_id = envelope.queue_id
+        await self._committer.submit(
+            lambda ds: self._spool.replace_envelope(path, queue_id, line, ds))
 
     def _transactions(self, recipients: list[Recipient]) -> list[tuple[str, list[Recipient]]]:
         """Recipients grouped by domain, at most the per-transaction limit in a group."""
@@ -614,7 +634,7 @@ class QueueRunner:
             await self._committer.submit(lambda ds: self._spool.remove(envelope.queue_id, ds))
             log_removed(envelope.queue_id)
             return
-        await self._committer.submit(lambda ds: self._spool.update_envelope(path, envelope, ds))
+        await self._write_envelope(envelope, path)
 
 
 def _waiting(recipient: Recipient) -> bool:

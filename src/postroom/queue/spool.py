@@ -56,6 +56,7 @@ from postroom.queue.committer import (
 )
 from postroom.queue.envelope import Envelope, Recipient, RecipientState
 from postroom.queue.incoming import READ_SIZE, IncomingMessage
+from postroom.queue.journal import Journal
 
 QUEUE_DIRS = ("incoming", "active", "hold", "corrupt")
 
@@ -178,6 +179,8 @@ class Spool:
         self.active = self.root / "active"
         self.hold = self.root / "hold"
         self.corrupt = self.root / "corrupt"
+        #: Where the queue runner records attempts (opened by the runner that owns the queue).
+        self.journal = Journal(self.root, disk)
         self._committer = committer
         self.usage = usage
         self.hostname = hostname
@@ -448,7 +451,13 @@ class Spool:
         )
 
     def update_envelope(self, path: Path, envelope: Envelope, dirsync: DirSync) -> None:
-        """Replace the envelope line of queue file *path*, atomically (run it in a job).
+        """Replace the envelope line of queue file *path* with *envelope* (its ``rev`` raised),
+        atomically (run it in a job). See :meth:`replace_envelope`."""
+        envelope.rev += 1
+        self.replace_envelope(path, envelope.queue_id, envelope.to_json(), dirsync)
+
+    def replace_envelope(self, path: Path, queue_id: str, line: str, dirsync: DirSync) -> None:
+        """Replace the envelope line of queue file *path* with *line* (JSON), atomically.
 
         Writes a new file (new envelope line, then the old file's message data) in ``incoming/``;
         the round fsyncs it and renames it over *path*: after a crash the file holds either the old
@@ -459,11 +468,11 @@ class Spool:
             source = open(path, "rb")  # noqa: SIM115 closed by the with below
         except OSError as exc:
             raise storage_error(exc, f"reading {path}") from exc
-        with source, DurableFile(self.disk, self._temp_name(envelope.queue_id)) as out:
+        with source, DurableFile(self.disk, self._temp_name(queue_id)) as out:
             try:
                 if not source.readline(MAX_ENVELOPE_LINE).endswith(b"\n"):
                     raise StorageError(f"{path}: no envelope line")
-                out.write(envelope.to_json().encode() + b"\n")
+                out.write(line.encode() + b"\n")
                 while block := source.read(READ_SIZE):
                     out.write(block)
             except OSError as exc:
