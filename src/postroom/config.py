@@ -315,6 +315,23 @@ class Pop3Section(_Section):
     idle_timeout: Annotated[float, Field(ge=600)] = 600.0
     max_connections: Annotated[int, Field(ge=1)] = 1000
     max_connections_per_ip: Annotated[int, Field(ge=1)] = 20
+    #: RFC 2449 6.7 EXPIRE, advertised in CAPA and enforced: days a message stays on the server
+    #: after POP3 first retrieved it (RETR), then it is removed at a later login; 0 removes what
+    #: a session retrieved at its QUIT; "NEVER" keeps everything. Unset: not advertised.
+    expire: Annotated[int, Field(ge=0, le=100_000)] | Literal["NEVER"] | None = None
+    #: RFC 2449 6.5 LOGIN-DELAY, advertised and enforced: seconds from one login to a mailbox to
+    #: the next; one sooner gets ``-ERR [LOGIN-DELAY]``. Unset: no limit.
+    login_delay: Annotated[int, Field(ge=1, le=86_400)] | None = None
+
+    @field_validator("expire", mode="before")
+    @classmethod
+    def _never(cls, value: object) -> object:
+        """"never" in any case, as an administrator may write it; not true/false."""
+        if isinstance(value, bool):
+            raise ValueError('a number of days or "NEVER"')
+        if isinstance(value, str) and value.strip().upper() == "NEVER":
+            return "NEVER"
+        return value
 
 
 class PasswordSection(_Section):

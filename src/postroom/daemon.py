@@ -123,6 +123,8 @@ def pop3_settings(config: Config) -> Pop3ServerSettings:
         mechanisms=tuple(m for m in config.auth.mechanisms if m != "CRAM-MD5"),
         allow_plaintext=pop3.allow_plaintext,
         apop=pop3.apop,
+        expire=pop3.expire,
+        login_delay=pop3.login_delay,
         idle_timeout=pop3.idle_timeout,
         max_connections=pop3.max_connections,
         max_connections_per_ip=pop3.max_connections_per_ip,

@@ -12,11 +12,16 @@ Nothing here parses POP3. A session answers the core's requests, each in a task 
   credential-store outage is answered at once and counts nothing, as in SMTP AUTH;
 - ``OpenMaildrop``: in a thread, the backend opens the user's INBOX, takes its POP3 lock
   (``[IN-USE]`` when held), syncs it (new mail moves to ``cur/``) and lists it; the list stays
-  fixed for the session;
+  fixed for the session. With ``login_delay`` a login sooner than that after the mailbox's last
+  one is refused ``[LOGIN-DELAY]`` (RFC 2449 6.5, 8.1.1) under the lock, so two workers cannot
+  both pass; with ``expire`` days, messages retrieved longer ago than that are removed before the
+  list is made (RFC 2449 6.7). Both remember through :mod:`postroom.store.pop3records`, in the
+  Maildir, so every worker and a restarted server agree;
 - ``Retrieve``: the message file in chunks of :data:`READ_CHUNK`, each fed to the core only when
   the socket is not backed up (``pause_writing``), so a session holds at most about a chunk;
-- ``Commit`` (QUIT in TRANSACTION): expunge the deleted messages, mark the retrieved ones seen,
-  release the lock.
+- ``Commit`` (QUIT in TRANSACTION): expunge the deleted messages (with ``expire = 0`` the core
+  has added what was retrieved), mark the retrieved ones seen, log their first retrieval when
+  ``expire`` is a number of days, release the lock.
 
 A session that ends without QUIT deletes nothing (RFC 1939 6) but still marks what it retrieved
 as seen, as Dovecot does. Timeouts are swept once a second: ``auth_timeout`` before login, the
@@ -32,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import os
 import secrets
 import socket
@@ -40,7 +46,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Final, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Final, Literal, Protocol, runtime_checkable
 
 from postroom import log
 from postroom.errors import StorageError
@@ -68,8 +74,9 @@ from postroom.pop3 import (
 from postroom.pop3 import responses as r
 from postroom.sasl import DEFAULT_MECHANISMS, SaslSettings
 from postroom.store.base import Mailbox, MailboxInUse, MessageGone, MessageInfo, SessionLock
-from postroom.store.maildir import open_inbox
+from postroom.store.maildir import MaildirMailbox, open_inbox
 from postroom.store.names import SEEN
+from postroom.store.pop3records import MaildirPop3Records, Pop3Records, expired
 
 #: Octets read from a message file at a time while sending it.
 READ_CHUNK: Final = 64 * 1024
@@ -159,6 +166,10 @@ class Pop3Backend(Protocol):
         StorageError when it cannot be opened now."""
         ...
 
+    def pop3_records(self, mailbox: Mailbox) -> Pop3Records:
+        """What LOGIN-DELAY and EXPIRE remember about *mailbox* (one of :meth:`open_mailbox`'s)."""
+        ...
+
 
 @dataclass
 class MaildirBackend:
@@ -176,6 +187,11 @@ class MaildirBackend:
             raise LookupError(user)
         return open_inbox(path, owner=self.owner)
 
+    def pop3_records(self, mailbox: Mailbox) -> Pop3Records:
+        if not isinstance(mailbox, MaildirMailbox):
+            raise TypeError(f"not a Maildir mailbox: {mailbox!r}")
+        return MaildirPop3Records(mailbox.path, owner=self.owner)
+
 
 @dataclass(frozen=True, slots=True)
 class Pop3ServerSettings:
@@ -185,8 +201,11 @@ class Pop3ServerSettings:
     mechanisms: tuple[str, ...] = DEFAULT_MECHANISMS
     allow_plaintext: bool = False  # USER/PASS, PLAIN, LOGIN before TLS (RFC 2595 2.3)
     apop: bool = False
-    expire: str | None = None  # RFC 2449 6.7, advertised only
-    login_delay: int | None = None  # RFC 2449 6.5, advertised only
+    #: RFC 2449 6.7: days a message stays after POP3 first retrieved it; 0: removed at the QUIT
+    #: of the session that retrieved it; "NEVER" (or None, which does not advertise it): kept.
+    expire: int | Literal["NEVER"] | None = None
+    #: RFC 2449 6.5: seconds from one successful login to a mailbox to the next.
+    login_delay: int | None = None
     idle_timeout: float = 600.0  # RFC 1939 3: the autologout timer is at least 10 minutes
     auth_timeout: float = 60.0  # before login
     handshake_timeout: float = 30.0
@@ -200,6 +219,31 @@ class Pop3ServerSettings:
     #: costs less than a thread hop, and RETR of many small messages is the common case);
     #: larger ones, and everything when 0, in a worker thread.
     inline_read: int = 64 * 1024
+
+
+def expire_days(expire: int | str | None) -> int | None:
+    """The retention period in days when messages expire after it (not 0: those go at QUIT)."""
+    return expire if isinstance(expire, int) and expire > 0 else None
+
+
+class LoginTooSoon(Exception):
+    """A login within ``login_delay`` seconds of the mailbox's last one (RFC 2449 6.5)."""
+
+    def __init__(self, left: int) -> None:
+        super().__init__(f"{left} s left")
+        self.left = left
+
+
+def check_login_delay(records: Pop3Records, delay: int, now: float) -> None:
+    """Raise :class:`LoginTooSoon` if the last login was less than *delay* seconds before *now*.
+    A last login up to *delay* in the future counts too (another host's clock a little ahead);
+    further ahead, the clock was set back and the record says nothing."""
+    last = records.last_login()
+    if last is None:
+        return
+    elapsed = now - last
+    if abs(elapsed) < delay:
+        raise LoginTooSoon(max(1, math.ceil(delay - max(elapsed, 0.0))))
 
 
 def _no_delay(transport: asyncio.BaseTransport) -> None:
@@ -500,6 +544,12 @@ class Pop3Session(asyncio.Protocol):
                             user)
             self.conn.refuse(r.IN_USE_REPLY)
             return
+        except LoginTooSoon as exc:
+            delay = self.server.settings.login_delay or 0
+            log.logger.info("pop3 login from %s: user=<%s>: within the login delay (%d s left)",
+                            self.describe(), user, exc.left)
+            self.conn.refuse(r.login_too_soon(delay, exc.left))
+            return
         except LookupError:
             log.logger.warning("pop3 login from %s: user=<%s>: no mailbox", self.describe(),
                                user)
@@ -527,11 +577,22 @@ class Pop3Session(asyncio.Protocol):
         self.conn.maildrop_opened(entries)
 
     def _open(self, user: str) -> tuple[Mailbox, SessionLock, list[MessageInfo]]:
-        mailbox = self.server.backend.open_mailbox(user)
+        settings = self.server.settings
+        backend = self.server.backend
+        mailbox = backend.open_mailbox(user)
         try:
             lock = mailbox.lock_exclusive("pop3")
             try:
+                delay, days = settings.login_delay, expire_days(settings.expire)
+                records = backend.pop3_records(mailbox) if delay or days else None
+                now = time.time()
+                if delay and records is not None:  # under the lock: one login wins a race
+                    check_login_delay(records, delay, now)
                 mailbox.sync(move_new=True)
+                if days and records is not None:
+                    self._expire(user, mailbox, records, days, now)
+                if delay and records is not None:
+                    records.record_login(now)
                 return mailbox, lock, list(mailbox.messages())
             except BaseException:
                 lock.release()
@@ -539,6 +600,35 @@ class Pop3Session(asyncio.Protocol):
         except BaseException:
             mailbox.close()
             raise
+
+    def _expire(self, user: str, mailbox: Mailbox, records: Pop3Records, days: int,
+                now: float) -> None:
+        """RFC 2449 6.7: remove what POP3 retrieved more than *days* days ago, before the list
+        is made, and forget log entries whose message is gone."""
+        retrieved = records.retrieved()
+        if not retrieved:
+            return
+        old = expired(retrieved, now, days)
+        if old:
+            doomed = [info.uid for info in mailbox.messages() if info.key in old]
+            removed = mailbox.expunge(doomed) if doomed else []
+            if removed:
+                log.logger.info("pop3 expire: user=<%s>, removed=%d (retrieved over %d days ago)",
+                                user, len(removed), days)
+        present = {info.key for info in mailbox.messages()}
+        if any(key not in present for key in retrieved):
+            records.keep_only(present)
+
+    def _log_retrieved(self, mailbox: Mailbox, keys: Sequence[str]) -> None:
+        """With EXPIRE days, the first retrieval of each message starts its retention period.
+        A failure is logged and passed over: the messages then stay (never the unsafe way)."""
+        if not keys or expire_days(self.server.settings.expire) is None:
+            return
+        try:
+            self.server.backend.pop3_records(mailbox).record_retrieved(keys, time.time())
+        except (StorageError, OSError) as exc:
+            log.logger.error("pop3 <%s>: logging retrieved messages for EXPIRE failed: %s",
+                             self.conn.user, exc)
 
     @staticmethod
     def _close_mailbox(mailbox: Mailbox, lock: SessionLock | None) -> None:
@@ -639,6 +729,7 @@ class Pop3Session(asyncio.Protocol):
                 mailbox.expunge([self._infos[n - 1].uid for n in deleted])
             if retrieved:
                 mailbox.store_flags([self._infos[n - 1].uid for n in retrieved], add=(SEEN,))
+                self._log_retrieved(mailbox, [self._infos[n - 1].key for n in retrieved])
         finally:
             self._mailbox = self._lock = None
             self._close_mailbox(mailbox, lock)
@@ -650,11 +741,13 @@ class Pop3Session(asyncio.Protocol):
         if mailbox is None:
             return
         seen = [self._infos[n - 1].uid for n in self.conn.retrieved]
+        keys = [self._infos[n - 1].key for n in self.conn.retrieved]
 
         def finish() -> None:
             try:
                 if seen:
                     mailbox.store_flags(seen, add=(SEEN,))
+                    self._log_retrieved(mailbox, keys)
             finally:
                 self._close_mailbox(mailbox, lock)
 

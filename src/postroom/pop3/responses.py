@@ -3,8 +3,8 @@
 A response is one line: ``+OK`` or ``-ERR``, a space and text (RFC 1939 3). RFC 2449 8 lets a
 ``-ERR`` (or ``+OK``) carry a code in brackets right after the status, which clients act on::
 
-    [IN-USE]        RFC 2449 8.1.1  the maildrop is locked by another session
-    [LOGIN-DELAY]   RFC 2449 8.1.2  logging in again too soon
+    [LOGIN-DELAY]   RFC 2449 8.1.1  logging in again too soon (see LOGIN-DELAY, 6.5)
+    [IN-USE]        RFC 2449 8.1.2  the maildrop is locked by another session
     [SYS/TEMP]      RFC 3206 4      a temporary problem on the server: try later
     [SYS/PERM]      RFC 3206 4      a lasting problem on the server: tell the user
     [AUTH]          RFC 3206 5      the credentials are wrong (AUTH-RESP-CODE)
@@ -76,3 +76,8 @@ MAILDROP_UNAVAILABLE: Final = err("Mailbox temporarily unavailable.", SYS_TEMP)
 IN_USE_REPLY: Final = err("Mailbox is locked by another POP3 session.", IN_USE)
 UPDATE_FAILED: Final = err("Some deleted messages were not removed.", SYS_TEMP)
 MESSAGE_UNAVAILABLE: Final = err("Message is no longer available.", SYS_TEMP)
+
+
+def login_too_soon(delay: int, left: int) -> Response:
+    """RFC 2449 8.1.1: the mailbox was logged in to less than *delay* seconds ago."""
+    return err(f"Logged in less than {delay} seconds ago; try again in {left} seconds.", LOGIN_DELAY)

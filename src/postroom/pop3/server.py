@@ -41,7 +41,7 @@ import hmac
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from postroom.errors import PostroomError, StorageError
 from postroom.pop3 import responses as r
@@ -117,8 +117,14 @@ class Pop3Settings:
     - *stls*: offer STLS (the transport has a certificate, the listener is not implicit TLS).
     - *apop*: offer APOP (RFC 1939 7); needs accounts with a plaintext-equivalent secret (the
       CRAM-MD5 secret), so it is off unless an operator asks for it.
-    - *expire*, *login_delay*: advertised in CAPA (RFC 2449 6.5, 6.7) when set; enforcing them
-      is policy (the transport refuses an early login with [LOGIN-DELAY]).
+    - *expire*: RFC 2449 6.7, days a retrieved message stays at least, or "NEVER"; advertised
+      in CAPA when set. 0 is enforced here: a message retrieved by RETR goes at QUIT as if
+      DELE had been given (TOP previews a message and does not count). The transport removes
+      messages retrieved more than *expire* days ago when a later session logs in.
+    - *login_delay*: RFC 2449 6.5, seconds between logins to one mailbox; advertised in CAPA
+      when set, enforced by the transport (``-ERR [LOGIN-DELAY]`` to a login too soon, once
+      the credentials were right). Both values are the same for every user, so CAPA never
+      carries RFC 2449's "USER" suffix and says the same before and after login.
     """
 
     hostname: str
@@ -127,7 +133,7 @@ class Pop3Settings:
     allow_plaintext: bool = False
     stls: bool = False
     apop: bool = False
-    expire: str | None = None
+    expire: int | Literal["NEVER"] | None = None
     login_delay: int | None = None
     greeting: str = r.GREETING_TEXT
     max_errors: int = 10  # bad commands before the session is closed; 0: no limit
@@ -692,6 +698,12 @@ class Pop3Connection:
     def _quit_cmd(self, arg: str) -> None:
         if self._state is State.TRANSACTION:
             self._state = next_state(self._state, Input.QUIT)
+            if self._settings.expire == 0:
+                # RFC 2449 6.7: no mail may stay on the server, so what the client retrieved
+                # in this session is deleted in the UPDATE state as if it had said DELE.
+                for i, got in enumerate(self._retrieved):
+                    if got:
+                        self._deleted[i] = 1
             retrieved = tuple(i + 1 for i, (got, gone) in enumerate(
                 zip(self._retrieved, self._deleted, strict=True)) if got and not gone)
             self._request(Commit(self.deleted, retrieved))
