@@ -483,3 +483,30 @@ def test_with_two_workers_queued_mail_goes_out_at_once(tmp_path: Path) -> None:
         finally:
             sender.stop()
             receiver.stop()
+
+
+def test_a_success_notice_owed_at_a_crash_is_sent_after_it(net: Net) -> None:
+    """The delivery of dave@grey.test (NOTIFY=SUCCESS, a next hop without DSN) was saved, then
+    the server died before the "relayed" notice was spooled: the queue file says a notice is
+    owed, so the restart sends it rather than dropping the message."""
+    from postroom.ids import new_queue_id
+    from postroom.policy.routes import RemoteDelivery
+    from postroom.queue.envelope import Envelope, Recipient, RecipientState
+
+    net.sender.stop()
+    queue_id = new_queue_id()
+    recipient = Recipient("dave@grey.test", RemoteDelivery("dave@grey.test"),
+                          notify=frozenset({"SUCCESS"}), state=RecipientState.DELIVERED,
+                          attempts=1, status="2.0.0", success="relayed")
+    envelope = Envelope(queue_id, "alice@example.com", time.time() - 5, recipients=[recipient],
+                        queued=time.time() - 5)
+    message = (b"Received: from c.test\r\nFrom: alice@example.com\r\nSubject: crash\r\n"
+               b"Message-ID: <crash@test>\r\n\r\nbody\r\n")
+    path = net.sender.data_dir / "queue" / "active" / queue_id
+    path.write_bytes(envelope.to_json().encode() + b"\n" + message)
+    net.sender.start()
+    [notice] = wait_bounce(net.sender, "alice@example.com")
+    assert notice["Subject"] == "Successful Mail Delivery Report"
+    _, [group] = report(notice)
+    assert (group["Final-Recipient"], group["Action"]) == ("rfc822; dave@grey.test", "relayed")
+    net.sender.wait_for(lambda: not path.exists(), timeout=10)

@@ -49,6 +49,9 @@ class Recipient:
     last_attempt: float = 0.0
     #: Notices sent about this recipient: "delay", "failure", "success" (never twice).
     notified: list[str] = field(default_factory=list)
+    #: Delivered with NOTIFY=SUCCESS and a notice is ours to send: the RFC 3464 Action it
+    #: reports ("delivered", "relayed"). Saved with the delivery, so a crash cannot lose it.
+    success: str | None = None
     #: The last :data:`HISTORY` attempts: {"time", "result", "detail"}.
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -87,6 +90,7 @@ class Recipient:
             "stage": self.stage,
             "last_attempt": self.last_attempt,
             "notified": self.notified,
+            "success": self.success,
             "history": self.history,
         }
 
@@ -114,6 +118,7 @@ class Recipient:
             stage=data.get("stage"),
             last_attempt=data.get("last_attempt", 0.0),
             notified=list(data.get("notified", [])),
+            success=data.get("success"),
             history=list(data.get("history", [])),
         )
 

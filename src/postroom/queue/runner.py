@@ -79,9 +79,19 @@ def owes_failure_notice(recipient: Recipient) -> bool:
     return recipient.state is RecipientState.BOUNCED and "failure" not in recipient.notified
 
 
+def owes_success_notice(recipient: Recipient) -> bool:
+    """Delivered with NOTIFY=SUCCESS, and the notice ours to send and not yet sent."""
+    return (recipient.state is RecipientState.DELIVERED and recipient.success is not None
+            and "success" not in recipient.notified)
+
+
+def owes_notice(recipient: Recipient) -> bool:
+    return owes_failure_notice(recipient) or owes_success_notice(recipient)
+
+
 def finished(envelope: Envelope) -> bool:
     """Nothing left to do for the message: every recipient done, no notification owed."""
-    return envelope.done and not any(owes_failure_notice(r) for r in envelope.recipients)
+    return envelope.done and not any(map(owes_notice, envelope.recipients))
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +143,6 @@ class _Work:
     path: Path
     now: float
     expires: float
-    successes: list[tuple[Recipient, Action]] = dataclasses.field(default_factory=list)
     saving: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     held: str | None = None  # the destination whose slot the message's turn already holds
     #: Journal segments holding this turn's attempt records, released once outcomes are saved.
@@ -272,7 +281,7 @@ class QueueRunner:
                     earliest is None or recipient.next_attempt < earliest
                 ):
                     earliest = recipient.next_attempt
-            if due or finished(envelope) or any(map(owes_failure_notice, envelope.recipients)):
+            if due or finished(envelope) or any(map(owes_notice, envelope.recipients)):
                 work.append(self._launch(gate, envelope.queue_id, path, now,
                                          _only_domain(due)))
         return earliest, work
@@ -355,7 +364,7 @@ class QueueRunner:
                     due = [r for r in envelope.recipients
                            if _waiting(r) and r.next_attempt <= now]
                     if due or finished(envelope) or any(
-                            map(owes_failure_notice, envelope.recipients)):
+                            map(owes_notice, envelope.recipients)):
                         await self._process(envelope, path, due, now, held)
                     waiting = [r.next_attempt for r in envelope.recipients if _waiting(r)]
                     if waiting:
@@ -385,7 +394,7 @@ class QueueRunner:
             spent = time.monotonic() - begun
             results = [dataclasses.replace(r, transmission=spent) for r in results]
             for recipient, result in zip(local, results, strict=True):
-                self._settle(envelope, recipient, result, now, expires, work.successes)
+                self._settle(envelope, recipient, result, now, expires)
             await self._save(work)
         remote = [r for r in due if isinstance(r.destination, RemoteDelivery)]
         if remote:
@@ -394,7 +403,7 @@ class QueueRunner:
             await asyncio.gather(*(
                 self._relay(work, domain, group) for domain, group in self._transactions(remote)
             ), return_exceptions=True)
-        await self._notices(envelope, path, now, expires, work.successes)
+        await self._notices(envelope, path, now, expires)
         async with work.saving:
             await self._record(envelope, path)
         self._spool.journal.release(work.segments)  # kept after a failure: the records count
@@ -419,8 +428,7 @@ class QueueRunner:
         """Rewrite the message's envelope with every state settled so far. Each outcome is
         saved as soon as it is known (as Postfix does after each delivery), so a crash never
         repeats a delivery that is already done; one save at a time per file."""
-        if finished(work.envelope) and not any(
-                wants(r.notify, DsnKind.SUCCESS) for r, _ in work.successes):
+        if finished(work.envelope):
             return  # nothing left to do: the removal that follows records it (one round less)
         async with work.saving:
             await self._write_envelope(work.envelope, work.path)
@@ -461,13 +469,12 @@ class QueueRunner:
                                                                 work.expires)
                 self._settle(work.envelope, recipient,
                              _Attempt(False, detail, "4.3.0", relay="none"),
-                             work.now, work.expires, work.successes)
+                             work.now, work.expires)
             with contextlib.suppress(Exception):
                 await self._save(work)
 
     async def _relay_once(self, work: _Work, domain: str, recipients: list[Recipient]) -> None:
         envelope, path, now, expires = work.envelope, work.path, work.now, work.expires
-        successes = work.successes
         deliverer = self.deliverer
         dead = self._dead.get(domain)
         why = None
@@ -480,7 +487,7 @@ class QueueRunner:
             await self._begin(work, recipients)  # counts, and sets when to try again
             for recipient in recipients:
                 self._settle(envelope, recipient, _Attempt(False, why, "4.4.1", relay="none"),
-                             now, expires, successes)
+                             now, expires)
             await self._save(work)
             return
         slot: contextlib.AbstractAsyncContextManager[object] = (
@@ -514,22 +521,24 @@ class QueueRunner:
         elif domain in self._dead and not unreachable:
             del self._dead[domain]
         for recipient, result in zip(recipients, results, strict=True):
-            self._settle(envelope, recipient, _remote_attempt(result, attempt), now, expires,
-                         successes)
+            self._settle(envelope, recipient, _remote_attempt(result, attempt), now, expires)
         await self._save(work)
 
-    async def _notices(self, envelope: Envelope, path: Path, now: float, expires: float,
-                       successes: list[tuple[Recipient, Action]]) -> None:
+    async def _notices(self, envelope: Envelope, path: Path, now: float, expires: float) -> None:
         """The notices this run made due; each marks its recipients notified once spooled."""
         notifier = self.notifier
         failed = [(r, Action.FAILED) for r in envelope.recipients if owes_failure_notice(r)]
-        if notifier is None:
-            for recipient, _ in failed:  # nobody to tell in this process (tests, tools)
-                recipient.notified.append("failure")
+        if notifier is None:  # nobody to tell in this process (tests, tools)
+            for recipient in envelope.recipients:
+                if owes_failure_notice(recipient):
+                    recipient.notified.append("failure")
+                elif owes_success_notice(recipient):
+                    recipient.notified.append("success")
             return
         if failed:
             await notifier.notify(envelope, path, DsnKind.FAILURE, failed)
-        wanted = [(r, a) for r, a in successes if wants(r.notify, DsnKind.SUCCESS)]
+        wanted = [(r, Action(r.success)) for r in envelope.recipients
+                  if owes_success_notice(r) and r.success is not None]
         if wanted:
             await notifier.notify(envelope, path, DsnKind.SUCCESS, wanted)
         warning = self.config.queue.delay_warning
@@ -569,7 +578,7 @@ class QueueRunner:
         usage = self._spool.usage
         try:
             size = len(headers) + self._spool.body_size(path)
-            if dest.quota and usage.usage(dest.maildir) + size > dest.quota:
+            if dest.quota and usage.usage(dest.maildir, dest.quota, size) + size > dest.quota:
                 return _Attempt(False, "mailbox full (over quota)", "4.2.2")
             copy = write_message(
                 dest.maildir,
@@ -586,7 +595,7 @@ class QueueRunner:
         return _Attempt(True, "delivered to maildir", "2.0.0")
 
     def _settle(self, envelope: Envelope, recipient: Recipient, result: _Attempt, now: float,
-                expires: float, successes: list[tuple[Recipient, Action]]) -> None:
+                expires: float) -> None:
         """Set the recipient's state from *result*, record and log it."""
         recipient.status = result.dsn
         recipient.remote_mta = result.remote_mta
@@ -597,8 +606,8 @@ class QueueRunner:
             recipient.last_error = None
             recipient.record(now, "delivered", result.detail)
             self._log(envelope, recipient, result, "sent", result.detail, result.dsn)
-            if result.success_action is not None:
-                successes.append((recipient, result.success_action))
+            if result.success_action is not None and wants(recipient.notify, DsnKind.SUCCESS):
+                recipient.success = result.success_action.value
             return
         if not result.permanent and now < expires:
             recipient.last_error = result.detail
