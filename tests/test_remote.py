@@ -5,7 +5,9 @@ with a self-signed certificate). DNS comes from a dnslib server on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import logging
 import os
 import shutil
 import socket
@@ -20,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from postroom.config import from_dict
+from postroom.delivery.maildir import MaildirUsage
 from postroom.delivery.remote import (
     AttemptResult,
     BytesSource,
@@ -30,7 +34,13 @@ from postroom.delivery.remote import (
     RemoteSettings,
 )
 from postroom.delivery.route import Credentials, NextHop, Router, RouteSettings, TlsPolicy
+from postroom.ids import new_queue_id
 from postroom.net.tls import self_signed
+from postroom.policy.routes import RemoteDelivery
+from postroom.queue.committer import Committer
+from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.runner import QueueRunner
+from postroom.queue.spool import Spool, read_envelope
 from postroom.smtp import codes
 from postroom.smtp.client import (
     ClientTimeouts,
@@ -94,6 +104,7 @@ class Received:
     sender: str
     recipients: list[str]
     content: bytes
+    mail: MailFrom | None = None  # the MAIL command, with its parameters
 
 
 @dataclass
@@ -104,6 +115,9 @@ class Receiver:
     refuse: Reply | None = None  # answer the connection with this instead of the banner
     tls: ssl.SSLContext | None = None  # offer STARTTLS with this context
     break_tls: bool = False  # answer 220 to STARTTLS, then hang up (a broken TLS stack)
+    silent: bool = False  # take the connection, never greet
+    hang_up_at_once: bool = False  # take the connection, close it before greeting
+    no_8bitmime: bool = False  # leave 8BITMIME out of the EHLO reply
     connections: int = 0
     commands: list[str] = field(default_factory=list)
     messages: list[Received] = field(default_factory=list)
@@ -145,6 +159,11 @@ class _ReceiverSession(asyncio.Protocol):
         receiver = self.receiver
         receiver.connections += 1
         receiver.sessions.append(self)
+        if receiver.silent:
+            return
+        if receiver.hang_up_at_once:
+            self.transport.close()
+            return
         if receiver.refuse is not None:
             self.conn.reject_connection(receiver.refuse)
         else:
@@ -184,7 +203,7 @@ class _ReceiverSession(asyncio.Protocol):
                 self.rcpts.append(str(event.address))
             if isinstance(event, EndOfData) and reply.code < 300 and self.mail is not None:
                 self.receiver.messages.append(Received(str(self.mail.address), self.rcpts,
-                                                       self.content))
+                                                       self.content, self.mail))
             conn.respond(reply)
             if isinstance(event, StartTls) and reply.code == 220:
                 self.tls_pending = True
@@ -195,6 +214,8 @@ class _ReceiverSession(asyncio.Protocol):
 
     def write(self) -> None:
         out = self.conn.data_to_send()
+        if self.receiver.no_8bitmime:
+            out = out.replace(b"250-8BITMIME\r\n", b"")
         if self.transport is not None and not self.transport.is_closing():
             if out:
                 self.transport.write(out)
@@ -245,28 +266,38 @@ def wait_banner(port: int, host: str = "127.0.0.1") -> None:
     raise RuntimeError("smtp-sink did not start")
 
 
-@pytest.fixture
-def sink_factory() -> Iterator[Callable[..., Sink]]:
+@contextlib.contextmanager
+def smtp_sinks() -> Iterator[Callable[..., Sink]]:
+    """``start(*options, host=...)`` runs smtp-sink on a free port, dumping what it takes; all
+    stop at the end."""
     started: list[Sink] = []
 
-    def start(*options: str) -> Sink:
-        port = free_port()
+    def start(*options: str, host: str = "127.0.0.1") -> Sink:
+        port = free_port(host)
         dump = Path(tempfile.mkdtemp(prefix="postroom-sink-"))
         os.chmod(dump, 0o777)  # smtp-sink writes as nobody
         proc = subprocess.Popen(
-            [SMTP_SINK, "-u", "nobody", "-d", f"{dump}/m.", *options, f"127.0.0.1:{port}", "10"],
+            [SMTP_SINK, "-u", "nobody", "-d", f"{dump}/m.", *options, f"{host}:{port}", "10"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         sink = Sink(port, dump, proc)
         started.append(sink)
-        wait_banner(port)
+        wait_banner(port, host)
         return sink
 
-    yield start
-    for sink in started:
-        sink.proc.terminate()
-        sink.proc.wait(5)
-        shutil.rmtree(sink.dump, ignore_errors=True)
+    try:
+        yield start
+    finally:
+        for sink in started:
+            sink.proc.terminate()
+            sink.proc.wait(5)
+            shutil.rmtree(sink.dump, ignore_errors=True)
+
+
+@pytest.fixture
+def sink_factory() -> Iterator[Callable[..., Sink]]:
+    with smtp_sinks() as start:
+        yield start
 
 
 def zone(port_hosts: dict[str, str]) -> dict[str, list[str]]:
@@ -730,3 +761,119 @@ def test_552_to_rcpt_is_retried_but_552_to_the_message_bounces() -> None:
                               local=False)
     assert too_many.verdict is Verdict.TEMPORARY
     assert too_big.verdict is Verdict.PERMANENT
+
+
+# -- servers that take the connection but never get going ---------------------------------------
+GREETING_TIMEOUT = ClientTimeouts(greeting=0.3, helo=0.3, mail=5, rcpt=5, data_init=5,
+                                  data_block=5, data_end=5, rset=5, quit=1)
+
+
+def unanswered(dns_server: DnsTestServer, **receiver_kw: Any) -> tuple[AttemptResult, Receiver]:
+    port = free_port()
+
+    async def go() -> tuple[AttemptResult, Receiver]:
+        receiver = await Receiver("127.0.0.1", port, **receiver_kw).start()
+        try:
+            return await once(deliverer(dns_server, port, timeouts=GREETING_TIMEOUT),
+                              "example.test", envelope("bob@example.test"),
+                              BytesSource(MESSAGE)), receiver
+        finally:
+            await receiver.stop()
+
+    return asyncio.run(go())
+
+
+def test_a_server_that_never_greets_is_reported_as_unreachable(dns_server: DnsTestServer) -> None:
+    """Stage CONNECT (local, temporary) is what the queue runner counts as "no host answered"
+    when it marks a destination dead; a greeting time-out now counts like a refused connect."""
+    started = time.monotonic()
+    result, receiver = unanswered(dns_server, silent=True)
+    (rcpt,) = result.recipients
+    assert time.monotonic() - started < 3 and receiver.connections == 1
+    assert rcpt.verdict is Verdict.TEMPORARY and rcpt.local and rcpt.stage is Stage.CONNECT
+    assert rcpt.detail == ("mx.example.test[127.0.0.1]: conversation timed out while receiving "
+                           "the initial server greeting")
+    assert rcpt.relay == f"mx.example.test[127.0.0.1]:{receiver.port}"
+
+
+def test_a_server_that_hangs_up_before_greeting_is_reported_as_unreachable(
+        dns_server: DnsTestServer) -> None:
+    result, _ = unanswered(dns_server, hang_up_at_once=True)
+    (rcpt,) = result.recipients
+    assert rcpt.verdict is Verdict.TEMPORARY and rcpt.local and rcpt.stage is Stage.CONNECT
+    assert "lost connection while receiving the initial server greeting" in rcpt.detail
+
+
+def test_a_refused_greeting_is_an_answer_not_unreachable(dns_server: DnsTestServer) -> None:
+    result, _ = unanswered(dns_server, refuse=Reply(421, "4.3.2", "too busy"))
+    (rcpt,) = result.recipients
+    assert rcpt.verdict is Verdict.TEMPORARY and not rcpt.local
+    assert rcpt.stage is Stage.GREETING  # the server said something: not a dead destination
+
+
+def test_a_silent_primary_mx_falls_back_to_the_next(dns_server: DnsTestServer) -> None:
+    port = free_port()
+
+    async def go() -> tuple[AttemptResult, Receiver]:
+        primary = await Receiver("127.0.0.5", port, silent=True).start()
+        secondary = await Receiver("127.0.0.6", port).start()
+        try:
+            return await once(deliverer(dns_server, port, timeouts=GREETING_TIMEOUT),
+                              "grey.test", envelope("a@grey.test"), BytesSource(MESSAGE)), secondary
+        finally:
+            await primary.stop()
+            await secondary.stop()
+
+    result, secondary = asyncio.run(go())
+    (rcpt,) = result.recipients
+    assert rcpt.verdict is Verdict.DELIVERED and len(secondary.messages) == 1
+    assert any("127.0.0.5" in note and "initial server greeting" in note for note in result.notes)
+
+
+def test_the_queue_skips_a_destination_whose_server_never_greets(
+        dns_server: DnsTestServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The runner's existing dead-destination logic, fed by a greeting time-out: the next
+    message for the domain is deferred without a connection ("delivery temporarily
+    suspended"), as after a refused connection. Without the change it waited again."""
+    port = free_port()
+    committer = Committer()
+    committer.start()
+    now = time.time()
+
+    async def queue(spool: Spool, rcpt: str) -> Path:
+        env = Envelope(new_queue_id(), "alice@example.com", now,
+                       recipients=[Recipient(rcpt, RemoteDelivery(rcpt))])
+        message = spool.open_message()
+        message.write(MESSAGE)
+        path = (await spool.accept(env, message, b"")).queue_file
+        assert path is not None
+        return path
+
+    async def go() -> tuple[list[Path], Receiver]:
+        silent = await Receiver("127.0.0.1", port, silent=True).start()
+        spool = Spool(tmp_path / "data", committer, MaildirUsage(), "out.example.com")
+        config = from_dict({"queue": {"scan_interval": 3600.0},
+                            "outbound": {"dead_destination_time": 30.0}})
+        d = deliverer(dns_server, port, timeouts=GREETING_TIMEOUT)
+        runner = QueueRunner(spool, committer, config, deliverer=d)
+        spool.on_queued = None  # run_once below does the work, one message at a time
+        try:
+            first = await queue(spool, "bob@example.test")
+            await runner.run_once()
+            second = await queue(spool, "carol@example.test")
+            await runner.run_once()
+        finally:
+            await d.close()
+            await silent.stop()
+        return [first, second], silent
+
+    try:
+        with caplog.at_level(logging.INFO, logger="postroom"):
+            paths, silent = asyncio.run(go())
+    finally:
+        committer.stop()
+    assert silent.connections == 1  # the second message did not wait for the greeting again
+    first, second = (read_envelope(p).recipients[0] for p in paths)
+    assert "timed out while receiving the initial server greeting" in (first.last_error or "")
+    assert (second.last_error or "").startswith("delivery temporarily suspended: ")
+    assert "to=<carol@example.test>, relay=none" in caplog.text

@@ -45,6 +45,9 @@ ZONE = {
     "onlyus.test": ["MX 10 us.example.net."],
     "smart.example.net": ["A 127.0.0.8"],
     "relay.example.net": ["MX 5 smart.example.net."],
+    "nat64.test": ["MX 10 mx.nat64.test.", "MX 20 tunnel.nat64.test."],
+    "mx.nat64.test": ["AAAA 64:ff9b::a00:1"],
+    "tunnel.nat64.test": ["AAAA 2002:a00:1::1"],
 }
 
 
@@ -145,6 +148,40 @@ def test_policy_details() -> None:
         assert r.refused(ip), ip
     for ip in ("8.8.8.8", "2001:4860:4860::8888", "::ffff:8.8.8.8"):
         assert not r.refused(ip), ip
+
+
+@pytest.mark.parametrize("ip", [
+    "::ffff:10.0.0.1", "::ffff:127.0.0.1",  # IPv4-mapped
+    "64:ff9b::10.0.0.1", "64:ff9b::127.0.0.1", "64:ff9b::192.168.1.1",  # NAT64, RFC 6052
+    "64:ff9b:1::808:808", "64:ff9b:1:a00:1::", "64:ff9b:1::a00:1",  # local-use NAT64, RFC 8215
+    "2002:a00:1::1", "2002:7f00:1::25", "2002:c0a8:101::1",  # 6to4 of 10/8, 127/8, 192.168/16
+    "2001:0:808:808:0:ffff:f5ff:fffe",  # Teredo whose client is 10.0.0.1 (inverted)
+    "2001:0:a00:1::1",  # Teredo with a private server
+    "::10.0.0.1", "::8.8.8.8",  # IPv4-compatible (deprecated)
+    "::ffff:0:10.0.0.1", "::ffff:0:8.8.8.8",  # SIIT IPv4-translated
+])
+def test_ipv6_forms_of_an_ipv4_address_are_judged_by_it(ip: str) -> None:
+    assert Router(resolver=None, settings=RouteSettings()).refused(ip)  # type: ignore[arg-type]
+
+
+def test_ipv6_forms_of_public_ipv4_and_the_allow_list() -> None:
+    r = Router(resolver=None, settings=RouteSettings())  # type: ignore[arg-type]
+    for ip in ("64:ff9b::8.8.8.8", "2002:808:808::1", "::ffff:8.8.8.8"):
+        assert not r.refused(ip), ip
+    # allowing the IPv4 network allows its NAT64/6to4 forms; the local NAT64 prefix needs its own
+    ten = Router(resolver=None,  # type: ignore[arg-type]
+                 settings=RouteSettings(allow_networks=(ipaddress.ip_network("10.0.0.0/8"),)))
+    assert not ten.refused("64:ff9b::10.0.0.1") and not ten.refused("2002:a00:1::1")
+    assert ten.refused("64:ff9b::127.0.0.1") and ten.refused("64:ff9b:1::a00:1")
+    nat64 = Router(resolver=None,  # type: ignore[arg-type]
+                   settings=RouteSettings(allow_networks=(ipaddress.ip_network("64:ff9b:1::/48"),)))
+    assert not nat64.refused("64:ff9b:1::a00:1")
+
+
+def test_a_nat64_mx_of_a_private_address_is_refused(dns_server: DnsTestServer) -> None:
+    error = fail(router(dns_server), "nat64.test")  # loopback is allowed; 10/8 behind NAT64 not
+    assert error.verdict is Verdict.PERMANENT and error.reply.enhanced == "5.4.4"
+    assert "64:ff9b::a00:1" in error.reply.lines[0] and "2002:a00:1::1" in error.reply.lines[0]
 
 
 def test_some_refused_some_allowed_keeps_the_allowed(dns_server: DnsTestServer) -> None:

@@ -12,12 +12,19 @@ How an attempt goes:
 2. An idle cached connection to the same next hop (or the same address) is used first, after an
    RSET that proves it alive; otherwise the targets are connected to in order. RFC 5321 5.1: a
    connection error, a refused greeting (4xx or 5xx), a failed EHLO/HELO, required TLS that cannot
-   be had, or failed AUTH moves on to the next target.
+   be had, or failed AUTH moves on to the next target. A server that takes the connection but
+   does not greet (or answer EHLO) in time, or hangs up first, is reported like a refused
+   connection (stage CONNECT, local): the queue runner then treats the destination as dead when
+   no host of it answered, as it does for refused connections.
 3. One transaction carries every recipient still open. Recipients it defers before end of data
    (4xx to MAIL, RCPT or DATA, a 421) go on to the next target, like Postfix, up to
    ``max_sessions`` servers; what the last server says is final. A reply lost after the final dot
    is never retried elsewhere in the same attempt (the message may have been taken).
-4. A connection still in good order is kept for ``cache_idle`` seconds for the next message to
+4. Without 8BITMIME at the server, 8-bit content is converted to quoted-printable
+   (:mod:`postroom.message.downgrade`, RFC 6152 3, Postfix's default) and SIZE declares the
+   converted size; a message that cannot be converted fails with 5.6.3 (a bounce). A DKIM
+   signature does not stop the conversion (as in Postfix), but the log says it broke.
+5. A connection still in good order is kept for ``cache_idle`` seconds for the next message to
    the same destination (:class:`ConnectionCache`); else QUIT.
 
 TLS (RFC 3207): ``none`` never starts it; ``opportunistic`` starts it when offered, without
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import ssl
 from collections.abc import Iterator
@@ -42,6 +50,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from postroom.delivery.route import Route, RouteError, Router, Target, TlsPolicy
+from postroom.message.downgrade import DowngradeError, Downgrader, Plan, has_8bit, plan
 from postroom.smtp.client import (
     Authenticated,
     ClientConnection,
@@ -65,7 +74,12 @@ from postroom.smtp.client import (
 )
 from postroom.smtp.codes import Reply
 
+logger = logging.getLogger("postroom.delivery")
+
 CHUNK_SIZE: Final = 64 * 1024
+#: Stages whose local failure (time-out, lost connection, garbage) means the server never got
+#: going: counted with connection failures (Stage.CONNECT).
+_UNANSWERED: Final = frozenset({Stage.GREETING, Stage.EHLO, Stage.HELO})
 #: Seconds :meth:`ConnectionCache.close` waits for connections to finish closing.
 _CLOSE_WAIT: Final = 2.0
 
@@ -120,6 +134,60 @@ class FileSource:
                 if left is not None:
                     left -= len(block)
                 yield block
+
+
+@dataclass(frozen=True, slots=True)
+class DowngradedSource:
+    """``source`` converted to 7-bit as it is read (RFC 6152 3), by a plan made from it."""
+
+    source: MessageSource
+    plan: Plan
+
+    @property
+    def size(self) -> int:
+        return self.plan.size
+
+    def chunks(self, chunk_size: int) -> Iterator[bytes]:
+        converter = Downgrader(self.plan)
+        inner = self.source.chunks(chunk_size)
+        try:
+            for chunk in inner:
+                out = converter.feed(chunk)
+                if out:
+                    yield out
+            out = converter.finish()
+            if out:
+                yield out
+        except DowngradeError as exc:  # not what the plan read: treat it as a read error
+            raise OSError(f"the message changed during its conversion: {exc.reason}") from None
+        finally:
+            _close(inner)
+
+
+def _close(chunks: Iterator[bytes]) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()  # a generator's open file is closed now, not when collected
+
+
+def prepare_downgrade(message: MessageSource, chunk_size: int,
+                      utf8_headers: bool) -> Plan | DowngradeError | None:
+    """For a server without 8BITMIME: None when the message is 7-bit already (sent as it is),
+    else the conversion plan, or why there can be none. Reads the message (twice when it has
+    8-bit octets): run it off the event loop."""
+    chunks = message.chunks(chunk_size)
+    try:
+        if not has_8bit(chunks):
+            return None
+    finally:
+        _close(chunks)
+    chunks = message.chunks(chunk_size)
+    try:
+        return plan(chunks, utf8_headers=utf8_headers)
+    except DowngradeError as exc:
+        return exc
+    finally:
+        _close(chunks)
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -418,6 +486,9 @@ class _Attempt:
     sessions: int = 0
     started: float = 0.0  # loop time: the attempt began (routing and connection setup follow)
     transaction: float | None = None  # loop time: the last transaction began (MAIL sent)
+    queue_id: str | None = None  # for the log
+    #: 8BITMIME downgrade plans made so far, by "8-bit header fields allowed" (SMTPUTF8 in use)
+    downgrades: dict[bool, Plan | DowngradeError | None] = field(default_factory=dict)
 
 
 def _policy_failure(text: str, status: str, stage: Stage = Stage.STARTTLS) -> _SessionOver:
@@ -450,11 +521,11 @@ class RemoteDeliverer:
         """QUIT every idle connection (call before the event loop ends)."""
         await self.cache.close()
 
-    async def deliver(self, domain: str, envelope: OutboundEnvelope,
-                      message: MessageSource) -> AttemptResult:
+    async def deliver(self, domain: str, envelope: OutboundEnvelope, message: MessageSource,
+                      *, queue_id: str | None = None) -> AttemptResult:
         """One attempt for ``envelope`` (whose recipients all belong to ``domain``)."""
         attempt = _Attempt(envelope, open=list(range(len(envelope.recipients))),
-                           started=asyncio.get_running_loop().time())
+                           started=asyncio.get_running_loop().time(), queue_id=queue_id)
         if envelope.size is None:
             try:
                 attempt.envelope = dataclasses.replace(envelope, size=message.size)
@@ -562,7 +633,13 @@ class RemoteDeliverer:
             if reused and (failure.stage is Stage.RSET or failure.local):
                 attempt.notes.append(f"{target.relay}: cached connection unusable")
                 return False
-            attempt.last = RecipientResult(OutboundRecipient(""), failure.reply, failure.stage,
+            stage = failure.stage
+            if failure.local and stage in _UNANSWERED:
+                # accepted the connection, then no greeting (or no answer to EHLO) in time, or
+                # hung up: as unreachable as a refused connection, and reported the same way,
+                # so the queue skips the destination for a while when no host of it answered
+                stage = Stage.CONNECT
+            attempt.last = RecipientResult(OutboundRecipient(""), failure.reply, stage,
                                            failure.local, target, session.conn.tls_active)
             detail = attempt.last.detail
             attempt.notes.append(f"{target.relay}: {detail}" if failure.local else detail)
@@ -647,7 +724,21 @@ class RemoteDeliverer:
         envelope = attempt.envelope
         recipients = tuple(envelope.recipients[i] for i in attempt.open)
         attempt.transaction = asyncio.get_running_loop().time()
-        session.conn.send_mail(dataclasses.replace(envelope, recipients=recipients))
+        outbound = dataclasses.replace(envelope, recipients=recipients)
+        refusal = None
+        ext = session.conn.extensions
+        if (not ext.eightbitmime and outbound.body != "BINARYMIME"  # the core refuses that
+                and not (outbound.needs_smtputf8 and not ext.smtputf8)):  # 5.6.7 comes first
+            prepared = await self._downgrade(session, attempt, message,
+                                             outbound.smtputf8 and ext.smtputf8)
+            if isinstance(prepared, DowngradeError):
+                refusal = Reply(554, "5.6.3", f"Conversion required but not supported: "
+                                              f"{prepared.reason} (the server does not offer "
+                                              f"8BITMIME)")
+            elif prepared is not None:
+                message = DowngradedSource(message, prepared)
+                outbound = dataclasses.replace(outbound, size=prepared.size, body="7BIT")
+        session.conn.send_mail(outbound, refusal)
         session.flush()
         while True:
             event = await session.event()
@@ -657,6 +748,33 @@ class RemoteDeliverer:
                 await self._send_content(session, message)
             elif isinstance(event, SessionFailed):  # pragma: no cover - TransactionDone comes first
                 raise _SessionOver(event)
+
+    async def _downgrade(self, session: OutboundSession, attempt: _Attempt,
+                         message: MessageSource, utf8_headers: bool) -> Plan | DowngradeError | None:
+        """The server lacks 8BITMIME: how to make the message 7-bit (RFC 6152 3), as Postfix
+        does unless told not to; None when it is 7-bit already. The plan is made once per
+        attempt (it reads the whole message, off the event loop)."""
+        if utf8_headers not in attempt.downgrades:
+            try:
+                attempt.downgrades[utf8_headers] = await asyncio.to_thread(
+                    prepare_downgrade, message, self.settings.chunk_size, utf8_headers)
+            except OSError as exc:
+                session.close()
+                raise _MessageUnreadable(f"cannot read the message: {exc}") from None
+            prepared = attempt.downgrades[utf8_headers]
+            if isinstance(prepared, Plan):
+                self._log_downgrade(session, attempt, prepared)
+        return attempt.downgrades[utf8_headers]
+
+    @staticmethod
+    def _log_downgrade(session: OutboundSession, attempt: _Attempt, prepared: Plan) -> None:
+        relay = session.target.relay
+        text = (f"{relay} does not offer 8BITMIME: {len(prepared.encode)} part(s) converted to "
+                f"quoted-printable")
+        if prepared.dkim_signed:  # Postfix converts signed mail too; the receiver may see a
+            text += "; this breaks the message's DKIM signature"  # "body hash did not verify"
+        attempt.notes.append(text)
+        logger.info("%s: %s", attempt.queue_id or "-", text)
 
     async def _send_content(self, session: OutboundSession, message: MessageSource) -> None:
         conn = session.conn
@@ -676,9 +794,7 @@ class RemoteDeliverer:
                 session.flush()
                 await session.drain()
         finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()  # a generator's open file is closed now, not when collected
+            _close(chunks)
         if not conn.closed:
             conn.end_content()
             session.flush()

@@ -18,8 +18,10 @@ must not bounce it). Configured next hops (1, 2) are the operator's choice and a
 checked against the destination policy; everything the DNS or a sender hands us is: addresses
 that are not global (loopback, private, link-local, unspecified, reserved, shared, documentation:
 IANA's special-purpose registries) and multicast are refused unless ``allow_networks`` has
-them, so a domain cannot point us at our own network. If that leaves nothing, the route fails
-permanently (5.4.4, with the addresses named).
+them, so a domain cannot point us at our own network. IPv6 addresses that lead to an IPv4 host
+(IPv4-mapped, NAT64 ``64:ff9b::/96``, 6to4 ``2002::/16``, Teredo) are refused when that IPv4
+host would be, and the local NAT64 prefix ``64:ff9b:1::/48`` always. If that leaves nothing,
+the route fails permanently (5.4.4, with the addresses named).
 
 Failures are :class:`RouteError` carrying the reply a bounce or deferral should quote; the
 ``verdict`` of its code says which (one rule: :func:`postroom.smtp.client.verdict`).
@@ -113,6 +115,32 @@ def _port(text: str, value: str) -> int:
     return int(value)
 
 
+_NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 2.1, the well-known prefix
+_NAT64_LOCAL: Final = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215, any layout
+_COMPATIBLE: Final = ipaddress.IPv6Network("::/96")  # RFC 4291 2.5.5.1, deprecated
+_SIIT: Final = ipaddress.IPv6Network("::ffff:0:0:0/96")  # RFC 2765 2.1
+_TEREDO: Final = ipaddress.IPv6Network("2001::/32")  # RFC 4380
+#: IPv6 ranges that are not globally reachable although Python 3.11's ``is_global`` says so:
+#: the local-use NAT64 prefix (a translator of our own network), the deprecated
+#: IPv4-compatible addresses and SIIT's IPv4-translated ones.
+_NOT_GLOBAL_V6: Final = (_NAT64_LOCAL, _COMPATIBLE, _SIIT)
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to through a translator or a tunnel: NAT64's
+    well-known prefix (RFC 6052 2.2, the last 32 bits of the /96), 6to4 (RFC 3056, bits
+    16-47), Teredo (RFC 4380: the server, and the client's mapped address, stored inverted),
+    and the IPv4-compatible and SIIT forms (the last 32 bits). IPv4-mapped addresses are the
+    caller's (they are IPv4 sockets); RFC 8215's local NAT64 prefix is refused whole."""
+    if address in _NAT64 or address in _SIIT or address in _COMPATIBLE:
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address in _TEREDO and address.teredo is not None:
+        return list(address.teredo)
+    return []
+
+
 def _ip(text: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(text)
@@ -186,14 +214,32 @@ class Router:
         self._rng = rng or random.Random()
 
     def refused(self, ip: str) -> bool:
-        """The destination policy: may we connect to ``ip`` when the DNS or a sender chose it?"""
+        """The destination policy: may we connect to ``ip`` when the DNS or a sender chose it?
+
+        An IPv6 address that carries an IPv4 address (mapped, NAT64, 6to4, Teredo, the old
+        compatible form) reaches that IPv4 host through a translator or tunnel, so the IPv4
+        address inside is judged as well: ``64:ff9b::10.0.0.1`` is as private as ``10.0.0.1``."""
         address = ipaddress.ip_address(ip)
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if any(address in net for net in self.settings.allow_networks):
+        if self._allowed(address):
             return False
+        if isinstance(address, ipaddress.IPv6Address):
+            if address.ipv4_mapped is not None:  # ::ffff:0:0/96: the IPv4 socket itself
+                return self._refused_ipv4(address.ipv4_mapped)
+            if any(self._refused_ipv4(inner) for inner in embedded_ipv4(address)):
+                return True
+            if any(address in net for net in _NOT_GLOBAL_V6):
+                return True
         # not global: loopback, private, link-local, unspecified, reserved, shared (RFC 6598),
         # documentation and benchmark ranges (the IANA special-purpose registries)
+        return not address.is_global or address.is_multicast
+
+    def _allowed(self, address: IPAddress) -> bool:
+        return any(address.version == net.version and address in net
+                   for net in self.settings.allow_networks)
+
+    def _refused_ipv4(self, address: ipaddress.IPv4Address) -> bool:
+        if self._allowed(address):
+            return False
         return not address.is_global or address.is_multicast
 
     def next_hop(self, domain: str) -> NextHop | None:

@@ -28,7 +28,10 @@ What it implements:
 - PIPELINING (RFC 2920 3.1): RSET, MAIL, every RCPT and DATA go out in one write; replies are
   matched in order. Without it, one command at a time.
 - SIZE (RFC 1870): declared on MAIL; a message over the server's limit fails here with 552
-  5.3.4 without being offered. 8BITMIME (RFC 6152): BODY= passed on when offered.
+  5.3.4 without being offered. 8BITMIME (RFC 6152): BODY= passed on when offered; without
+  it, converting 8-bit content is the transport's (:mod:`postroom.message.downgrade`), and what
+  cannot be converted is handed to :meth:`ClientConnection.send_mail` as a refusal (5.6.3).
+  BODY=BINARYMIME (RFC 3030) only with BINARYMIME and CHUNKING, else 5.6.3.
 - SMTPUTF8 (RFC 6531 3.4): requested when offered; a message that needs it (a non-ASCII
   address, or ``utf8_headers``) fails with 5.6.7 when it is not offered, as RFC 6531 3.5 wants.
 - DSN (RFC 3461): NOTIFY, ORCPT, RET and ENVID passed on when the server offers DSN;
@@ -450,8 +453,11 @@ class ClientConnection:
         self._out += b"QUIT\r\n"
         self._pending.append(_Cmd(_Kind.QUIT))
 
-    def send_mail(self, envelope: OutboundEnvelope) -> None:
-        """Start a transaction. Its :class:`TransactionDone` may come at once (SIZE, SMTPUTF8)."""
+    def send_mail(self, envelope: OutboundEnvelope, refusal: Reply | None = None) -> None:
+        """Start a transaction. Its :class:`TransactionDone` may come at once (SIZE, SMTPUTF8,
+        BINARYMIME), or with ``refusal``: a reason the transport found to fail the message
+        without offering it (8-bit content that cannot be converted for a server without
+        8BITMIME, RFC 6152 3); every recipient then gets it, as a local reply to MAIL."""
         self._require(ClientState.READY, "send_mail")
         if not envelope.recipients:
             raise LocalProtocolError("a transaction needs a recipient")
@@ -464,7 +470,7 @@ class ClientConnection:
         rcpts = [self._rcpt_line(r) for r in envelope.recipients]
         self._txn = txn
         self._state = ClientState.WAIT_ENVELOPE
-        refusal = self._refusal(envelope)
+        refusal = refusal or self._refusal(envelope, chunked)
         if refusal is not None:
             txn.mail_ok = False
             txn.fail(refusal, Stage.MAIL, True)
@@ -547,8 +553,8 @@ class ClientConnection:
         params = []
         if ext.size is not None and envelope.size is not None:
             params.append(f"SIZE={envelope.size}")
-        if envelope.body and ext.eightbitmime:
-            params.append(f"BODY={envelope.body}")
+        if envelope.body == "BINARYMIME" or (envelope.body and ext.eightbitmime):
+            params.append(f"BODY={envelope.body}")  # BINARYMIME: only when offered (_refusal)
         if utf8:
             params.append("SMTPUTF8")
         if ext.dsn:
@@ -573,9 +579,13 @@ class ClientConnection:
                     params.append(f"ORCPT=utf-8;{encode_utf8_addr_xtext(address)}")
         return b"RCPT TO:" + path + "".join(" " + p for p in params).encode() + b"\r\n"
 
-    def _refusal(self, envelope: OutboundEnvelope) -> Reply | None:
-        """A reason to fail the message here, without offering it (RFC 1870 6, RFC 6531 3.5)."""
+    def _refusal(self, envelope: OutboundEnvelope, chunked: bool) -> Reply | None:
+        """A reason to fail the message here, without offering it (RFC 1870 6, RFC 6531 3.5,
+        RFC 3030 3: binary content needs BINARYMIME, and BDAT to carry it)."""
         ext = self._extensions
+        if envelope.body == "BINARYMIME" and not (chunked and ext.offers("BINARYMIME")):
+            return Reply(554, "5.6.3", "Conversion required but not supported: binary content, "
+                                       "and the server does not offer BINARYMIME with CHUNKING")
         if envelope.needs_smtputf8 and not ext.smtputf8:
             return Reply(553, "5.6.7", "SMTPUTF8 is required, but was not offered by the server")
         addresses = (envelope.sender, *(r.address for r in envelope.recipients))
