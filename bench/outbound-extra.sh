@@ -9,6 +9,10 @@
 #   postroom        inject and relay at the same time (Postfix's "defaults" row)
 #   postroom-w2     (only when listed in PR_ROWS) the same as postroom with server.workers = 2:
 #                   both workers take connections, worker 0 alone runs the queue runner
+#   postroom-q      the same as postroom with server.queue_process = true: one worker takes
+#                   the connections, the queue manager (relay) runs in a process of its own
+#                   and gets each queued message's id from the worker (two cores)
+#   postroom-w2q    (only when listed in PR_ROWS) workers = 2 and queue_process = true
 #   postroom-drain  the intake phase with the queue runner paused (every message ends up in
 #                   queue/active), then the runner is started and only the relay of the
 #                   backlog is timed: Postfix's "drain" row (hold, then postsuper -H ALL).
@@ -21,14 +25,14 @@
 # (event loop / committer / worker threads) can be read from /proc after the run.
 #
 # Knobs: PR_PY (postroom's Python, default /work/main/.venv/bin/python), PR_ROWS (default
-# "postroom postroom-drain"), PR_PROFILE=1 (run each server under cProfile, main thread only,
+# "postroom postroom-q postroom-drain"), PR_PROFILE=1 (run each server under cProfile, main thread only,
 # stats in $OB/<name>.prof: for finding where the time goes, never for the figures),
 # PR_TLS (outbound tls_policy, default "none" like Postfix's smtp_tls_security_level),
 # PR_PYSPY=/path/to/py-spy (sample every thread of the server while its row runs, on-CPU samples
 # only, into $OB/<name>.pyspy.txt in py-spy's "raw" collapsed-stack format).
 PR_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PR_PY=${PR_PY:-$PR_ROOT/.venv/bin/python}
-PR_ROWS=${PR_ROWS:-"postroom postroom-drain"}
+PR_ROWS=${PR_ROWS:-"postroom postroom-q postroom-drain"}
 PR_TLS=${PR_TLS:-none}
 
 pr_port() {   # the row's SMTP port: postroom on outbound.sh's EXTRA_PORT (2627), the others next
@@ -36,10 +40,12 @@ pr_port() {   # the row's SMTP port: postroom on outbound.sh's EXTRA_PORT (2627)
         postroom) echo "$EXTRA_PORT" ;;
         postroom-drain) echo 2628 ;;
         postroom-w2) echo 2629 ;;
+        postroom-q) echo 2630 ;;
+        postroom-w2q) echo 2631 ;;
     esac
 }
 
-pr_config() {   # NAME PORT WORKERS
+pr_config() {   # NAME PORT WORKERS QUEUE_PROCESS
     local dir=$EXTRA_DATA/$1
     rm -rf "$dir"; mkdir -p "$dir"
     cat >"$dir/postroom.toml" <<CONF
@@ -48,6 +54,7 @@ hostname = "relay.bench.test"
 data_dir = "$dir/data"
 run_as = ""
 workers = $3
+queue_process = ${4:-false}
 
 [[listener]]
 role = "mx"
@@ -159,7 +166,8 @@ extra_start() {
     pr_wrapper
     for name in $PR_ROWS; do
         port=$(pr_port "$name")
-        pr_config "$name" "$port" "$([[ $name == postroom-w2 ]] && echo 2 || echo 1)"
+        pr_config "$name" "$port" "$([[ $name == postroom-w2* ]] && echo 2 || echo 1)" \
+            "$([[ $name == postroom*q ]] && echo true || echo false)"
         env=(PR_THREADS="$OB/$name.threads")
         [[ $name == postroom-drain ]] && env+=(PR_RUNNER=paused PR_STATE="$OB/$name.state")
         [[ -n ${PR_PROFILE:-} ]] && env+=(PR_PROFILE="$OB/$name.prof")

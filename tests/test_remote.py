@@ -38,7 +38,7 @@ from postroom.ids import new_queue_id
 from postroom.net.tls import self_signed
 from postroom.policy.routes import RemoteDelivery
 from postroom.queue.committer import Committer
-from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.envelope import Envelope, Recipient, RecipientState
 from postroom.queue.runner import QueueRunner
 from postroom.queue.spool import Spool, read_envelope
 from postroom.smtp import codes
@@ -307,6 +307,9 @@ def zone(port_hosts: dict[str, str]) -> dict[str, list[str]]:
 
 DNS = {
     "example.test": ["MX 10 mx.example.test."],
+    "second.test": ["MX 10 mx.example.test."],
+    "third.test": ["MX 10 mx.third.test."],
+    "mx.third.test": ["A 127.0.0.2"],
     "mx.example.test": ["A 127.0.0.1"],
     "backup.test": ["MX 10 dead.backup.test.", "MX 20 grumpy.backup.test.", "MX 30 ok.backup.test."],
     **zone({"dead.backup.test": "127.0.0.2", "grumpy.backup.test": "127.0.0.3",
@@ -877,3 +880,108 @@ def test_the_queue_skips_a_destination_whose_server_never_greets(
     assert "timed out while receiving the initial server greeting" in (first.last_error or "")
     assert (second.last_error or "").startswith("delivery temporarily suspended: ")
     assert "to=<carol@example.test>, relay=none" in caplog.text
+
+
+def test_messages_waiting_for_the_slot_of_a_silent_destination_are_not_tried(
+        dns_server: DnsTestServer, tmp_path: Path) -> None:
+    """One delivery at a time per domain, messages for two domains (so they wait for each
+    domain's slot inside their turn): the first waits out the greeting time-out and marks both
+    destinations dead; the others, already waiting for the slots, are deferred when they get
+    them, without connections of their own."""
+    port = free_port()
+    committer = Committer()
+    committer.start()
+    now = time.time()
+
+    async def go() -> tuple[list[Path], Receiver]:
+        silent = await Receiver("127.0.0.1", port, silent=True).start()
+        spool = Spool(tmp_path / "data", committer, MaildirUsage(), "out.example.com")
+        config = from_dict({"queue": {"scan_interval": 3600.0},
+                            "outbound": {"dead_destination_time": 30.0,
+                                         "max_per_destination": 1}})
+        d = deliverer(dns_server, port, timeouts=GREETING_TIMEOUT)
+        runner = QueueRunner(spool, committer, config, deliverer=d)
+        spool.on_queued = None
+        paths = []
+        try:
+            for user in ("bob", "carol", "dan"):  # two domains each: no slot is taken first
+                rcpts = [f"{user}@example.test", f"{user}@second.test"]
+                env = Envelope(new_queue_id(), "alice@example.com", now,
+                               recipients=[Recipient(r, RemoteDelivery(r)) for r in rcpts])
+                message = spool.open_message()
+                message.write(MESSAGE)
+                path = (await spool.accept(env, message, b"")).queue_file
+                assert path is not None
+                paths.append(path)
+            await runner.run_once()  # all three start; two wait for the one slot
+        finally:
+            await d.close()
+            await silent.stop()
+        return paths, silent
+
+    try:
+        paths, silent = asyncio.run(go())
+    finally:
+        committer.stop()
+    assert silent.connections == 2  # one per domain
+    errors = sorted(r.last_error or "" for p in paths for r in read_envelope(p).recipients)
+    assert sum(e.startswith("delivery temporarily suspended: ") for e in errors) == 4, errors
+
+
+def test_a_message_for_a_busy_and_a_free_domain_does_not_hold_its_turn(
+        dns_server: DnsTestServer, tmp_path: Path) -> None:
+    """example.test has one slot, taken by a delivery its silent server never greets; a message
+    for example.test and third.test gets third.test delivered at once and ends its turn (its lock
+    free for an operator's command) instead of waiting inside it for example.test's slot; once
+    the slot is free it comes back for example.test."""
+    port = free_port()
+    committer = Committer()
+    committer.start()
+    now = time.time()
+    slow = ClientTimeouts(greeting=1, helo=1, mail=5, rcpt=5, data_init=5, data_block=5,
+                          data_end=5, rset=5, quit=1)
+
+    async def go() -> tuple[float, Receiver, Receiver, list[Path]]:
+        silent = await Receiver("127.0.0.1", port, silent=True).start()
+        ok = await Receiver("127.0.0.2", port).start()
+        spool = Spool(tmp_path / "data", committer, MaildirUsage(), "out.example.com")
+        config = from_dict({"queue": {"scan_interval": 3600.0},
+                            "outbound": {"dead_destination_time": 0, "max_per_destination": 1}})
+        d = deliverer(dns_server, port, timeouts=slow)
+        runner = QueueRunner(spool, committer, config, deliverer=d)
+        spool.on_queued = None
+        paths = []
+        try:
+            for rcpts in (["bob@example.test"], ["carol@example.test", "dave@third.test"]):
+                env = Envelope(new_queue_id(), "alice@example.com", now,
+                               recipients=[Recipient(r, RemoteDelivery(r)) for r in rcpts])
+                message = spool.open_message()
+                message.write(MESSAGE)
+                path = (await spool.accept(env, message, b"")).queue_file
+                assert path is not None
+                paths.append(path)
+            run = asyncio.ensure_future(runner.run_once())
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if ok.messages:
+                    break
+            assert ok.messages, "third.test waited behind example.test"
+            began = time.monotonic()
+            async with runner.message_lock(paths[1].name):  # as `postroom queue hold` would
+                waited = time.monotonic() - began
+            await run
+        finally:
+            await d.close()
+            await silent.stop()
+            await ok.stop()
+        return waited, silent, ok, paths
+
+    try:
+        waited, silent, _, paths = asyncio.run(go())
+    finally:
+        committer.stop()
+    assert waited < 0.5, f"the message's lock was held {waited:.2f} s for a busy destination"
+    assert silent.connections == 2  # bob's, then carol's once the slot was free
+    carol, dave = read_envelope(paths[1]).recipients
+    assert dave.state is RecipientState.DELIVERED
+    assert carol.attempts == 1 and carol.state is RecipientState.DEFERRED

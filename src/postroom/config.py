@@ -56,8 +56,12 @@ class ServerSection(_Section):
     #: When started as root: bind the ports, then run as this user. "" keeps root (not advised).
     run_as: str = "postroom"
     #: SMTP worker processes sharing the listening sockets (one event loop each). More than one
-    #: uses more cores; the queue runner lives in worker 0.
+    #: uses more cores; the queue runner lives in worker 0 (unless ``queue_process``).
     workers: Annotated[int, Field(ge=1, le=64)] = 1
+    #: Run the queue manager (relay, retries, notices, the control socket) in a process of its
+    #: own beside the workers, as Postfix's qmgr: a relay that is busy receiving and sending at
+    #: once then uses a second core. The workers hand it each queued message's id.
+    queue_process: bool = False
     log_file: Path | None = None
     log_json: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -47,10 +47,10 @@ from postroom.net.server import SmtpServer, bind_listener
 from postroom.net.tls import server_context
 from postroom.policy.authlimit import AuthThrottle, LocalThrottle, SharedThrottle
 from postroom.policy.router import Router
+from postroom.queue.bell import QueueBell
 from postroom.queue.bounce import Notifier
 from postroom.queue.committer import Committer
-from postroom.queue.envelope import Envelope
-from postroom.queue.runner import QueueRunner
+from postroom.queue.runner import QueueRunner, only_domain
 from postroom.queue.spool import Spool
 from postroom.receive import Receiver, ReceiveSettings
 
@@ -212,9 +212,16 @@ def drop_privileges(config: Config) -> None:
 #: A listening socket and the listener section it was bound for.
 Bound = tuple[socket.socket, ListenerSection]
 
+def queue_worker(config: Config) -> int:
+    """The index of the process that runs the queue: worker 0, or with ``server.queue_process``
+    the process after the last worker."""
+    return config.server.workers if config.server.queue_process else 0
+
+
 class Daemon:
-    """One worker: an event loop with the SMTP listeners, the committer and (in worker 0 only)
-    the queue runner."""
+    """One process: an event loop with the SMTP and POP3 listeners and the committer; in the
+    queue's process (:func:`queue_worker`) also the queue runner and the control socket. With
+    ``server.queue_process`` that process takes no connections."""
 
     def __init__(
         self,
@@ -225,7 +232,7 @@ class Daemon:
         counts: ConnectionCounts | None = None,
         tls_context: ssl.SSLContext | None = None,
         logins: LoginParts | None = None,
-        queue_bell: tuple[int, int] | None = None,
+        queue_bell: QueueBell | None = None,
     ) -> None:
         self.config = config
         self.sockets = sockets
@@ -233,9 +240,10 @@ class Daemon:
         self.counts = counts
         self.tls_context = tls_context
         self.logins = logins
-        #: With several workers, a pipe (read end, write end): the others ring it when they
-        #: queue a message, and worker 0, whose queue runner is the only one, wakes up.
+        #: With several processes: the workers hand what they queue to the queue's process.
         self.queue_bell = queue_bell
+        self.runs_queue = worker == queue_worker(config)
+        self.listens = not (config.server.queue_process and self.runs_queue)
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -258,6 +266,10 @@ class Daemon:
         receiver = Receiver(receive_settings(config), router, spool, notifier)
         auth = None if self.logins is None else auth_service(config, accounts, self.logins)
         server = SmtpServer(config, receiver, self.counts, self.tls_context, auth)
+        if not self.listens:  # the queue manager's process: the workers take the connections
+            for sock, _ in self.sockets:
+                sock.close()
+            self.sockets = []
         pop3_sockets = [(sock, lst) for sock, lst in self.sockets if not lst.smtp]
         pop3 = None
         if pop3_sockets and auth is not None:
@@ -268,25 +280,27 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         control = None
-        if self.worker == 0:  # the queue tools talk to the runner's process
+        if self.runs_queue:  # the queue tools talk to the runner's process
             control = ControlServer(socket_path(data_dir), queue_handler(
                 data_dir, message_lock=runner.message_lock, on_change=runner.wake))
-        self._wire_bell(loop, spool, runner)
+        self._wire_bell(spool, runner)
         try:
             if control is not None:
                 await control.start()
                 runner.start()  # one runner per queue: two would deliver twice
-            await server.start([(sock, lst) for sock, lst in self.sockets if lst.smtp])
-            if pop3 is not None:
+            if self.listens:
+                await server.start([(sock, lst) for sock, lst in self.sockets if lst.smtp])
+            if pop3 is not None and self.listens:
                 await pop3.start(
                     plain=[sock for sock, lst in pop3_sockets if not lst.implicit_tls],
                     implicit_tls=[sock for sock, lst in pop3_sockets if lst.implicit_tls])
-            log.logger.info("postroom ready: %s, data in %s", config.hostname, data_dir)
+            log.logger.info("postroom ready: %s, data in %s%s", config.hostname, data_dir,
+                            "" if self.listens else " (queue manager)")
             await self.stopping.wait()
             log.logger.info("shutting down")
             if pop3 is not None:
                 await asyncio.gather(server.shutdown(), pop3.shutdown())
-            else:
+            elif self.listens:
                 await server.shutdown()
         finally:
             if control is not None:
@@ -297,24 +311,14 @@ class Daemon:
             accounts.close()
             log.logger.info("stopped")
 
-    def _wire_bell(self, loop: asyncio.AbstractEventLoop, spool: Spool,
-                   runner: QueueRunner) -> None:
-        if self.queue_bell is None:
+    def _wire_bell(self, spool: Spool, runner: QueueRunner) -> None:
+        bell = self.queue_bell
+        if bell is None:
             return
-        read_end, write_end = self.queue_bell
-        if self.worker == 0:
-            def rang() -> None:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(read_end, 4096)
-                runner.wake()  # one scan, however many rang meanwhile
-
-            loop.add_reader(read_end, rang)
+        if self.runs_queue:
+            bell.listen(runner.handed, runner.wake)
         else:
-            def ring(envelope: Envelope, path: Path) -> None:
-                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending
-                    os.write(write_end, b"\0")
-
-            spool.on_queued = ring
+            spool.on_queued = bell.sender(only_domain)
 
     def reload(self) -> None:
         old = self.config
@@ -410,7 +414,7 @@ def serve(config: Config) -> None:
     drop_privileges(config)
     logins = LoginParts.make(config)  # as the mail user: a new key file is theirs
     try:
-        if config.server.workers == 1:
+        if config.server.workers == 1 and not config.server.queue_process:
             _run(Daemon(config, sockets, tls_context=context, logins=logins).run())
         else:
             if Supervisor(config, sockets, context, logins).run():
@@ -429,9 +433,10 @@ _MAX_FAST_FAILURES = 5
 
 
 class Supervisor:
-    """With ``server.workers`` > 1: fork the workers, pass SIGTERM/SIGHUP on to them, and start
-    a new worker when one dies unexpectedly (its connection counts are reset), with a growing
-    delay; a worker that keeps failing at start stops the server."""
+    """With ``server.workers`` > 1 or ``server.queue_process``: fork the workers (and the queue
+    manager's process), pass SIGTERM/SIGHUP on to them, and start a new one when one dies
+    unexpectedly (its connection counts are reset), with a growing delay; a process that keeps
+    failing at start stops the server."""
 
     def __init__(
         self, config: Config, sockets: list[Bound], context: ssl.SSLContext | None,
@@ -441,11 +446,9 @@ class Supervisor:
         self.sockets = sockets
         self.context = context
         self.logins = logins
-        self.counts = SharedCounts(config.server.workers)
-        read_end, write_end = os.pipe()
-        os.set_blocking(read_end, False)
-        os.set_blocking(write_end, False)
-        self.queue_bell = (read_end, write_end)
+        self.processes = config.server.workers + (1 if config.server.queue_process else 0)
+        self.counts = SharedCounts(self.processes)
+        self.queue_bell = QueueBell()
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started)
         self.respawn: dict[int, float] = {}  # worker index -> when to start it again
         self.failures: dict[int, int] = {}  # worker index -> fast failures in a row
@@ -481,7 +484,7 @@ class Supervisor:
         # the workers itself and we could not tell a crash from a stop.
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_BLOCK, _MASTER_SIGNALS)
-        for worker in range(self.config.server.workers):
+        for worker in range(self.processes):
             self._spawn(worker)
         while self.children or (self.respawn and not self.stopping):
             timeout = None

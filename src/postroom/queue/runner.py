@@ -147,6 +147,8 @@ class _Work:
     held: str | None = None  # the destination whose slot the message's turn already holds
     #: Journal segments holding this turn's attempt records, released once outcomes are saved.
     segments: list[str] = dataclasses.field(default_factory=list)
+    #: Domains whose every slot was taken: tried in a later turn that waits for a slot first.
+    postponed: list[str] = dataclasses.field(default_factory=list)
 
 
 class QueueRunner:
@@ -289,11 +291,16 @@ class QueueRunner:
     def queued(self, envelope: Envelope, path: Path) -> None:
         """The spool just queued this message: work on it without reading the whole queue
         (a rescan per accepted message would cost O(queue) each under load)."""
-        queue_id = envelope.queue_id
+        self._take(envelope.queue_id, path, only_domain(envelope))
+
+    def handed(self, queue_id: str, domain: str | None) -> None:
+        """Another process queued this message (:mod:`postroom.queue.bell`): the same."""
+        self._take(queue_id, self._spool.queue_path(queue_id), domain)
+
+    def _take(self, queue_id: str, path: Path, domain: str | None) -> None:
         if self._task is None or self._stopping or queue_id in self._inflight:
             return
-        self._launch(self._gate, queue_id, path, self._clock(),
-                     _only_domain([r for r in envelope.recipients if _waiting(r)]))
+        self._launch(self._gate, queue_id, path, self._clock(), domain)
 
     def _launch(self, gate: asyncio.Semaphore, queue_id: str, path: Path, now: float,
                 domain: str | None = None) -> asyncio.Task[None]:
@@ -334,22 +341,32 @@ class QueueRunner:
                        domain: str | None = None) -> None:
         """One message's turn. A message for a single remote domain first waits for a slot of
         that destination, holding nothing else: a slow destination never fills the global
-        limit, and an operator's hold or delete never waits behind a queue of its mail."""
+        limit, and an operator's hold or delete never waits behind a queue of its mail.
+
+        A message for several domains does not wait for a busy destination inside its turn
+        (holding the global limit and its lock): that domain is postponed, and a later turn
+        of the same task waits for its slot first, the same way."""
         if domain is None:
-            await self._turn(gate, queue_id, path, now, None)
-            return
-        async with self._destination(domain):
-            await self._turn(gate, queue_id, path, now, domain)
+            later = await self._turn(gate, queue_id, path, now, None)
+        else:
+            async with self._destination(domain):
+                later = await self._turn(gate, queue_id, path, now, domain)
+        while later and not self._stopping:
+            held = later.pop(0)
+            async with self._destination(held):
+                more = await self._turn(gate, queue_id, path, now, held)
+            later.extend(d for d in more if d not in later)
 
     def _destination(self, domain: str) -> asyncio.Semaphore:
         return self._destinations.setdefault(
             domain, asyncio.Semaphore(self.config.outbound.max_per_destination))
 
     async def _turn(self, gate: asyncio.Semaphore, queue_id: str, path: Path, now: float,
-                    held: str | None) -> None:
+                    held: str | None) -> list[str]:
+        """Work on the message's due recipients; return the domains it postponed."""
         async with gate:
             if self._stopping:
-                return  # not started: the next run takes it
+                return []  # not started: the next run takes it
             now = max(now, self._clock())  # the turn may come long after the scan
             try:
                 async with self.message_lock(queue_id):
@@ -358,26 +375,31 @@ class QueueRunner:
                     try:
                         envelope = await asyncio.to_thread(read_envelope, path)
                     except FileNotFoundError:
-                        return
+                        return []
                     if envelope.hold:
-                        return
+                        return []
                     due = [r for r in envelope.recipients
                            if _waiting(r) and r.next_attempt <= now]
+                    postponed: list[str] = []
                     if due or finished(envelope) or any(
                             map(owes_notice, envelope.recipients)):
-                        await self._process(envelope, path, due, now, held)
-                    waiting = [r.next_attempt for r in envelope.recipients if _waiting(r)]
+                        postponed = await self._process(envelope, path, due, now, held)
+                    # (recipients still due now are the postponed ones: this task comes back)
+                    waiting = [r.next_attempt for r in envelope.recipients
+                               if _waiting(r) and r.next_attempt > now]
                     if waiting:
                         self._due_at(min(waiting))
+                    return postponed
             except StorageError as exc:
                 log.event(queue_id, logging.WARNING, status="queue error", status_detail=str(exc))
             except Exception:
                 logger.exception("%s: queue run failed for this message", queue_id)
+            return []
 
     async def _process(
         self, envelope: Envelope, path: Path, due: list[Recipient], now: float,
         held: str | None = None,
-    ) -> None:
+    ) -> list[str]:
         expires = envelope.arrival + self.config.queue.max_lifetime
         work = _Work(envelope, path, now, expires, held=held)
         local = [r for r in due if isinstance(r.destination, LocalDelivery)]
@@ -407,6 +429,7 @@ class QueueRunner:
         async with work.saving:
             await self._record(envelope, path)
         self._spool.journal.release(work.segments)  # kept after a failure: the records count
+        return work.postponed
 
     async def _begin(self, work: _Work, recipients: list[Recipient]) -> None:
         """Record an attempt for *recipients* durably before it is made: a crash during it
@@ -476,25 +499,24 @@ class QueueRunner:
     async def _relay_once(self, work: _Work, domain: str, recipients: list[Recipient]) -> None:
         envelope, path, now, expires = work.envelope, work.path, work.now, work.expires
         deliverer = self.deliverer
-        dead = self._dead.get(domain)
-        why = None
-        if deliverer is None:
-            why = NO_RELAY
-        elif dead is not None and dead[0] > time.monotonic():
-            why = f"delivery temporarily suspended: {dead[1]}"
+        why = NO_RELAY if deliverer is None else self._suspended(domain)
         if why is not None or deliverer is None:
-            why = why or NO_RELAY
-            await self._begin(work, recipients)  # counts, and sets when to try again
-            for recipient in recipients:
-                self._settle(envelope, recipient, _Attempt(False, why, "4.4.1", relay="none"),
-                             now, expires)
-            await self._save(work)
+            await self._skip(work, recipients, why or NO_RELAY)
             return
-        slot: contextlib.AbstractAsyncContextManager[object] = (
-            contextlib.nullcontext() if work.held == domain else self._destination(domain))
-        async with slot:  # waiting here is not an attempt yet
+        slot: contextlib.AbstractAsyncContextManager[object] = contextlib.nullcontext()
+        if work.held != domain:
+            semaphore = self._destination(domain)
+            if semaphore.locked():  # every slot busy: not while holding the global limit
+                work.postponed.append(domain)
+                return
+            slot = semaphore
+        async with slot:
             if self._stopping:
                 return  # stopping: nothing new starts; the recipients stay due
+            why = self._suspended(domain)  # found dead while this message waited for a slot
+            if why is not None:
+                await self._skip(work, recipients, why)
+                return
             source = await asyncio.to_thread(QueuedMessage, path)
             try:
                 outbound = OutboundEnvelope(
@@ -508,7 +530,8 @@ class QueueRunner:
                     envid=envelope.envid,
                 )
                 await self._begin(work, recipients)
-                attempt = await deliverer.deliver(domain, outbound, source)
+                attempt = await deliverer.deliver(domain, outbound, source,
+                                                  queue_id=envelope.queue_id)
             finally:
                 # the last descriptor of a replaced file frees it: not on the event loop
                 await asyncio.to_thread(source.close)
@@ -522,6 +545,21 @@ class QueueRunner:
             del self._dead[domain]
         for recipient, result in zip(recipients, results, strict=True):
             self._settle(envelope, recipient, _remote_attempt(result, attempt), now, expires)
+        await self._save(work)
+
+    def _suspended(self, domain: str) -> str | None:
+        """Why *domain* is not tried now (none of its hosts answered a moment ago), or None."""
+        dead = self._dead.get(domain)
+        if dead is not None and dead[0] > time.monotonic():
+            return f"delivery temporarily suspended: {dead[1]}"
+        return None
+
+    async def _skip(self, work: _Work, recipients: list[Recipient], why: str) -> None:
+        """Defer *recipients* without trying: counted as an attempt, so the backoff applies."""
+        await self._begin(work, recipients)
+        for recipient in recipients:
+            self._settle(work.envelope, recipient, _Attempt(False, why, "4.4.1", relay="none"),
+                         work.now, work.expires)
         await self._save(work)
 
     async def _notices(self, envelope: Envelope, path: Path, now: float, expires: float) -> None:
@@ -689,6 +727,11 @@ class QueuedMessage:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def only_domain(envelope: Envelope) -> str | None:
+    """The one remote domain of the message's waiting recipients, or None."""
+    return _only_domain([r for r in envelope.recipients if _waiting(r)])
 
 
 def _only_domain(recipients: list[Recipient]) -> str | None:
