@@ -10,8 +10,9 @@
 # `postroom user add bench@bench.test`, that directory is replaced by a symlink to the harness's
 # $EXTRA_MAILDIR, so postroom reads and renames exactly the files the harness restores
 # before every cold session (hard links of the pristine tree), and its index files
-# (postroom-index.sqlite, -wal, -shm, postroom-uidvalidity, postroom-pop3.lock) sit in that
-# Maildir's top level, where the cold reset deletes them like Dovecot's dovecot.index*.
+# (postroom-index.sqlite, -wal, -shm, postroom-uidvalidity, postroom-pop3.lock, and
+# dovecot-keywords once a keyword is set) sit in that Maildir's top level, where the cold reset
+# deletes them like Dovecot's dovecot.index*.
 # Nothing is copied.
 #
 # The server: one process, uvloop, run as root (`run_as = ""`, as peers-extra.sh does; on this

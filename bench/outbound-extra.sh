@@ -289,7 +289,7 @@ pr_bench() {   # NAME PORT [MODE]
         --log "$OB/$name.out" --label "$name")
     local spy=
     if [[ -n ${PR_PYSPY:-} ]]; then
-        "$PR_PYSPY" record --pid "$pid" --threads --nonblocking --format raw \
+        "$PR_PYSPY" record --pid "$pid" --subprocesses --threads --nonblocking --format raw \
             --output "$OB/$name.pyspy.txt" >"$OB/$name.pyspy.log" 2>&1 &
         spy=$!
     fi

@@ -1,4 +1,5 @@
-"""Maildir delivery: names, LF content, sizes, what readers see, failures, usage for quotas."""
+"""Maildir delivery: names, LF content, sizes, what readers see, failures (quota usage is in
+test_quota.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postroom.delivery.maildir import (
-    MaildirUsage,
     crlf_to_lf,
     delivery_headers,
     ensure_maildir,
-    scan_usage,
     size_from_name,
     unique_name,
     write_message,
@@ -226,49 +225,3 @@ def test_size_from_name() -> None:
     assert size_from_name("1.M2P3Q4.host,S=12,W=13:2,S") == 12
     assert size_from_name("1.M2P3Q4.host:2,S=12") is None  # flags, not a size
     assert size_from_name("1.M2P3Q4.host") is None
-
-
-def test_usage_counts_new_and_cur(tmp_path: Path) -> None:
-    root = tmp_path / "Maildir"
-    ensure_maildir(root)
-    (root / "new" / "1.M1P1Q1.h,S=100,W=104").write_bytes(b"x" * 3)  # S= is trusted
-    (root / "cur" / "2.M1P1Q1.h,S=50,W=52:2,S").write_bytes(b"x")
-    (root / "cur" / "3.M1P1Q1.h:2,").write_bytes(b"y" * 7)  # no S=: stat
-    (root / "tmp" / "4.M1P1Q1.h,S=999").write_bytes(b"")  # tmp/ does not count
-    assert scan_usage(root) == 157
-    assert scan_usage(tmp_path / "missing") == 0
-
-
-def test_usage_cache_and_refresh(tmp_path: Path) -> None:
-    root = tmp_path / "Maildir"
-    ensure_maildir(root)
-    now = [1000.0]
-    usage = MaildirUsage(max_age=60.0, clock=lambda: now[0])
-    assert usage.usage(root) == 0
-    path = deliver(root, [MESSAGE])
-    assert usage.usage(root) == 0  # cached
-    usage.add(root, size_from_name(path.name) or 0)
-    assert usage.usage(root) == len(MESSAGE_LF)
-    (root / "cur" / "9.M1P1Q1.h,S=1000,W=1010").write_bytes(b"")
-    assert usage.usage(root) == len(MESSAGE_LF)  # another writer: seen after max_age
-    now[0] += 61
-    assert usage.usage(root) == len(MESSAGE_LF) + 1000
-
-
-def test_cached_usage_never_scans(tmp_path: Path) -> None:
-    """On the event loop only cached counts are read; a miss says so instead of scanning."""
-    from postroom.delivery.maildir import UsageUnknown
-
-    now = [100.0]
-    usage = MaildirUsage(max_age=60.0, clock=lambda: now[0])
-    root = tmp_path / "Maildir"
-    (root / "new").mkdir(parents=True)
-    (root / "new" / "1.M1P1.host,S=1234").write_bytes(b"x")
-    with pytest.raises(UsageUnknown) as info:
-        usage.cached(root)
-    assert info.value.root == root
-    assert usage.usage(root) == 1234  # the count (done in a thread by the server)
-    assert usage.cached(root) == 1234
-    now[0] += 61
-    with pytest.raises(UsageUnknown):
-        usage.cached(root)

@@ -463,6 +463,34 @@ def test_a_bounce_reaches_a_sender_with_a_quota(net: Net) -> None:
     assert "queue run failed" not in net.sender.log()
 
 
+def test_a_bounce_to_a_full_mailbox_waits_in_the_queue(net: Net) -> None:
+    """alice's mailbox is over its quota when her bounce is made: the notice is queued for her
+    (4.2.2, as Postfix's local delivery defers it), not dropped, and arrives once there is
+    room."""
+    net.sender.cli("user", "quota", "alice@example.com", "1K")
+    maildir = net.sender.data_dir / "mail" / "example.com" / "alice" / "new"
+    maildir.mkdir(parents=True, exist_ok=True)
+    (maildir / "1.big.mx:2,").write_bytes(b"Subject: filler\n\n" + b"x" * 4096)
+    (net.sender.data_dir / "mail" / "example.com" / "alice" / "maildirsize").unlink(
+        missing_ok=True)  # counted afresh: over quota
+    send(net.sender, "alice@example.com", "nobody@remote.test", subject="bounce to full")
+    net.sender.wait_for(lambda: "sender non-delivery notification:" in net.sender.log(),
+                        timeout=20)
+    notice_id = net.sender.log().split("sender non-delivery notification: ")[1].split()[0]
+    listing = json.loads(net.sender.cli("queue", "list", "--json"))
+    [queued] = [m for m in listing if m["queue_id"] == notice_id]
+    [rcpt] = queued["recipients"]
+    assert (queued["sender"], rcpt["address"] if "address" in rcpt else rcpt["original"]) == (
+        "", "alice@example.com")
+    assert rcpt["state"] == "deferred" and "quota" in (rcpt["last_error"] or "")
+    assert len(net.sender.messages("alice@example.com")) == 1  # only the filler
+    net.sender.cli("user", "quota", "alice@example.com", "0")
+    net.sender.cli("queue", "flush", notice_id)
+    [bounce] = [m for m in wait_bounce(net.sender, "alice@example.com", count=2)
+                if m["Subject"] != "filler"]
+    assert bounce["Subject"] == "Undelivered Mail Returned to Sender"
+
+
 def test_with_two_workers_queued_mail_goes_out_at_once(tmp_path: Path) -> None:
     """The queue runner lives in worker 0; the other worker hands it the id of each message it
     queues, so that mail does not wait for the next periodic scan (a minute here)."""

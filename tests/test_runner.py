@@ -503,13 +503,14 @@ def test_queued_and_deferred_mail_cost_no_rescan(tmp_path: Path, committer: Comm
     spool, runner = make(tmp_path, committer, Clock(NOW))
     blocked = blocked_mailbox(tmp_path, "bob")
     reads = []
-    original = spool.load_queue
+    original = spool.load_due
 
-    def counting() -> list[tuple[Envelope, Path]]:
+    def counting(now: float | None, horizon: float = 86400.0
+                 ) -> tuple[list[tuple[Envelope, Path]], float | None]:
         reads.append(1)
-        return original()
+        return original(now, horizon)
 
-    spool.load_queue = counting  # type: ignore[method-assign]
+    spool.load_due = counting  # type: ignore[method-assign]
 
     async def main() -> None:
         runner.start()
@@ -526,3 +527,37 @@ def test_queued_and_deferred_mail_cost_no_rescan(tmp_path: Path, committer: Comm
     asyncio.run(main())
     assert len(list(spool.active.iterdir())) == 10
     assert len(reads) == 1
+
+
+def test_a_scan_does_not_open_the_files_of_deferred_mail(
+    tmp_path: Path, committer: Committer
+) -> None:
+    """A deferral sets the queue file's mtime to the retry time (as Postfix's deferred queue
+    does), so a scan before then lists the file without reading it, and still knows when it is
+    due; at that time it is read and tried."""
+    clock = Clock(NOW + 10)
+    spool, runner = make(tmp_path, committer, clock)
+    deferred = queue_message(spool, committer, Recipient("bob@example.com",
+                                                         blocked_mailbox(tmp_path, "bob")))
+    asyncio.run(runner.run_once())  # bob's Maildir cannot be made: deferred
+    [rcpt] = read_envelope(deferred).recipients
+    assert rcpt.state is RecipientState.DEFERRED and rcpt.next_attempt > clock.now
+    assert deferred.stat().st_mtime == pytest.approx(rcpt.next_attempt, abs=1e-3)
+    opened: list[Path] = []
+    import postroom.queue.spool as spool_mod
+
+    original = spool_mod.read_envelope
+
+    def counting(path: Path) -> Envelope:
+        opened.append(path)
+        return original(path)
+
+    spool_mod.read_envelope = counting  # type: ignore[assignment]
+    try:
+        found, later = spool.load_due(clock.now)
+        assert (found, opened) == ([], [])
+        assert later == pytest.approx(rcpt.next_attempt, abs=1e-3)
+        found, _ = spool.load_due(rcpt.next_attempt + 0.01)  # its time has come
+        assert [path for _, path in found] == [deferred] and opened == [deferred]
+    finally:
+        spool_mod.read_envelope = original

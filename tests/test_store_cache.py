@@ -206,3 +206,121 @@ def test_storing_flags_that_are_already_set_changes_nothing(tmp_path: Path) -> N
         assert box.store_flags(uids, add={"\\Seen"}) == []
         assert box.store_flags([], add={"\\Seen"}) == []
         assert store._index.committed_changes == before
+
+
+@pytest.fixture
+def loads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Every load of a folder's rows from the index."""
+    seen: list[int] = []
+    real = MaildirMailbox._load
+
+    def counting(self: MaildirMailbox, db: object) -> object:
+        seen.append(1)
+        return real(self, db)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MaildirMailbox, "_load", counting)
+    yield seen
+
+
+def pop3_session(root: Path) -> list[tuple[int, str, frozenset[str]]]:
+    """What the benchmark's POP3 session does: log in, retrieve all, QUIT marks them seen."""
+    box = open_inbox(root)
+    lock = box.lock_exclusive("pop3")
+    try:
+        box.sync(move_new=True)
+        listed = box.messages()
+        box.store_flags([m.uid for m in listed], add={"\\Seen"})
+        return [(m.uid, m.key, m.flags) for m in box.messages()]
+    finally:
+        lock.release()
+        box.close()
+
+
+def test_right_after_a_session_that_changed_flags_nothing_is_loaded(
+        root: Path, listings: list[str], loads: list[int]) -> None:
+    """Its QUIT renamed files a moment ago (racy mtimes): the next session lists the two
+    directories once, finds the names this process left, and loads nothing."""
+    for i in range(5):
+        deliver(root, f"Subject: {i}\n\n".encode())
+    maildir_module.SNAPSHOTS.clear()
+    pop3_session(root)
+    listings.clear()
+    loads.clear()
+    listed, _box = session(root)
+    assert [flags for _uid, _key, flags in listed] == [{"\\Seen"}] * 5
+    assert loads == [] and sorted(os.path.basename(p) for p in listings) == ["cur", "new"]
+
+
+def test_new_mail_after_the_kept_state_starts_from_it(root: Path, loads: list[int]) -> None:
+    before = warm(root)
+    loads.clear()
+    path = deliver(root, b"Subject: late\n\n")
+    listed, _box = session(root)
+    assert [key for _uid, key, _flags in listed] == [k for _u, k, _f in before] + [path.name]
+    assert listed[-1][0] == before[-1][0] + 1
+    assert loads == []  # only the new file was looked at
+
+
+def test_a_racy_state_is_checked_by_names_not_mtimes(root: Path) -> None:
+    """Another program renames a file in the same clock tick (the mtime of cur/ stays as it
+    was): a state kept from a racy moment is compared by names, so the change is seen."""
+    for i in range(2):
+        deliver(root, f"Subject: {i}\n\n".encode())
+    pop3_session(root)
+    mark = os.stat(root / "cur").st_mtime_ns
+    (name,) = [n for n in os.listdir(root / "cur") if n.startswith(session(root)[0][0][1])]
+    os.rename(root / "cur" / name, root / "cur" / (name.partition(":")[0] + ":2,FS"))
+    os.utime(root / "cur", ns=(mark, mark))
+    assert session(root)[0][0][2] == {"\\Flagged", "\\Seen"}
+
+
+def test_a_state_confirmed_by_names_long_after_the_mtimes_is_trusted(
+        root: Path, listings: list[str]) -> None:
+    for i in range(2):
+        deliver(root, f"Subject: {i}\n\n".encode())
+    pop3_session(root)  # kept without mtimes: the next sync lists
+    age(root)
+    listings.clear()
+    session(root)
+    assert len(listings) == 2  # compared by names, found the same, long after the mtimes ...
+    listings.clear()
+    session(root)
+    assert listings == []  # ... so now the mtimes alone tell
+
+
+def test_a_flag_change_or_expunge_carries_the_message_list_forward(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What messages() says after store_flags or expunge is what a fresh build says; only the
+    changed messages are made again, and the next session gets the list made: QUIT's \\Seen on
+    every message does not cost the next login a rebuild of each."""
+    made: list[int] = []
+    real = MaildirMailbox._info
+
+    def counting(self: MaildirMailbox, row: object) -> object:
+        made.append(1)
+        return real(self, row)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MaildirMailbox, "_info", counting)
+    for i in range(6):
+        deliver(root, f"Subject: {i}\n\n".encode())
+    box = open_inbox(root)
+    box.sync()
+    box.store_flags([1, 3, 5], add={"todo"})  # a new keyword letter: built again below
+    box.messages()
+    made.clear()
+    box.store_flags([1, 3, 5], add={"\\Seen"})
+    box.store_flags([2, 3], add={"\\Flagged"}, remove={"todo"})
+    box.expunge([4])
+    carried = box.messages()
+    assert len(made) == 3 + 2  # the changed ones, once each
+    box._infos = None
+    assert box.messages() == carried
+    assert [(m.uid, m.flags) for m in carried] == [
+        (1, {"\\Seen", "todo"}), (2, {"\\Flagged"}), (3, {"\\Seen", "\\Flagged"}),
+        (5, {"\\Seen", "todo"}), (6, frozenset())]
+    box.close()
+    made.clear()
+    again = open_inbox(root)
+    again.sync()
+    assert again.messages() == carried and made == []
+    again.close()

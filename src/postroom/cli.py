@@ -37,6 +37,7 @@ from postroom.accounts.passwords import verify_password
 from postroom.accounts.secrets import ServerKey
 from postroom.accounts.store import AccountStore, User, data_owner
 from postroom.errors import ConfigError, PostroomError
+from postroom.store import quota as maildirsize
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
@@ -371,8 +372,25 @@ def user_cram_md5(state: _State, address: str, setting: str, password_stdin: boo
 @pass_state
 def user_quota(state: _State, address: str, size: int) -> None:
     """Set the quota of ADDRESS (e.g. 500M, 2G; 0 = unlimited)."""
-    state.store().set_quota(address, size)
+    store = state.store()
+    store.set_quota(address, size)
+    found = store.get_user(address)
+    if found is not None:
+        _rewrite_maildirsize(found.maildir, size)
     click.echo(f"quota of {address} is {format_size(size)}")
+
+
+def _rewrite_maildirsize(maildir: Path, size: int) -> None:
+    """Bring the Maildir++ ``maildirsize`` in line with the new quota now (the server would do
+    it at the next delivery, on seeing another definition): counted afresh with the new first
+    line, or removed for no quota, so that nobody keeps appending to a file no check reads."""
+    try:
+        if size == 0:
+            maildirsize.remove(maildir)
+        elif (maildir / "tmp").is_dir():
+            maildirsize.recalc(maildir, maildirsize.Definition(size))
+    except OSError as exc:  # the server recalculates it on its own; say so and go on
+        click.echo(f"warning: {maildir / maildirsize.FILENAME} not updated: {exc}", err=True)
 
 
 def _user_record(entry: User) -> dict[str, object]:

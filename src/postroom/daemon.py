@@ -21,6 +21,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -262,7 +263,12 @@ class Daemon:
                             size_limit=config.queue.bounce_size_limit,
                             double_bounces=config.queue.double_bounce_to_postmaster,
                             delay_warnings=config.queue.delay_warning > 0)
-        runner = QueueRunner(spool, committer, config, deliverer=deliverer, notifier=notifier)
+        def quota_of(mailbox: str) -> int | None:
+            user = accounts.get_user(mailbox)
+            return None if user is None else user.quota
+
+        runner = QueueRunner(spool, committer, config, deliverer=deliverer, notifier=notifier,
+                             quota_of=quota_of)
         receiver = Receiver(receive_settings(config), router, spool, notifier)
         auth = None if self.logins is None else auth_service(config, accounts, self.logins)
         server = SmtpServer(config, receiver, self.counts, self.tls_context, auth)
@@ -407,6 +413,11 @@ def serve(config: Config) -> None:
     # Until the event loop installs its handler, a SIGHUP (the default action ends the process)
     # is ignored: the configuration was only just read.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The committer thread makes one system call after another and needs the GIL back after
+    # each; an event loop busy with sessions holds it for up to the switch interval (5 ms by
+    # default), which then stretches every group-commit round and so every 250 waiting on
+    # it. 0.5 ms measured 2-18 % more relayed mail per second (bench/RESULTS.md).
+    sys.setswitchinterval(0.0005)
     _setup_logging(config)
     sockets = [(bind_listener(listener), listener) for listener in config.listeners()]
     context = tls_context(config)  # the key may be readable by root only: load it first

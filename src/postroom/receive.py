@@ -304,8 +304,8 @@ class Receiver:
             stored = size + len(delivery_headers(envelope.sender, dest.mailbox))
             try:
                 refused = self.router.check_size(dest, stored)
-            except UsageUnknown as unknown:  # count it off the loop, then decide
-                await asyncio.to_thread(self.spool.usage.usage, unknown.root)
+            except UsageUnknown as unknown:  # its maildirsize must be counted: off the loop
+                await asyncio.to_thread(self.spool.usage.usage, unknown.root, dest.quota, stored)
                 refused = self.router.check_size(dest, stored)
             if refused is None:
                 return None

@@ -16,7 +16,8 @@ Content is stored with LF line ends, the Unix convention that mutt, Dovecot and 
 ``mailbox.Maildir`` read: :func:`write_message` takes SMTP-form (CRLF) chunks and converts them.
 
 :class:`MaildirUsage` answers "how many octets does this mailbox hold" for quotas, from the
-``S=`` fields (stat() for names without one), cached per mailbox for a short while.
+Maildir++ ``maildirsize`` file that every process (and Dovecot, Courier, Exim) keeps up to date;
+see :mod:`postroom.store.quota`.
 """
 
 from __future__ import annotations
@@ -175,30 +176,9 @@ def size_from_name(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def scan_usage(root: Path) -> int:
-    """Octets held in ``new/`` and ``cur/``: the ``S=`` of each name, else the file's size."""
-    total = 0
-    for sub in ("new", "cur"):
-        try:
-            entries = os.scandir(root / sub)
-        except FileNotFoundError:
-            continue  # no Maildir yet: the first delivery creates it
-        with entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                size = size_from_name(entry.name)
-                if size is None:
-                    try:
-                        size = entry.stat().st_size
-                    except FileNotFoundError:
-                        continue  # moved or expunged while we looked
-                total += size
-    return total
-
-
 class UsageUnknown(Exception):
-    """The usage of ``root`` is not cached: count it (off the event loop) and ask again."""
+    """The quota figure of ``root`` has to be counted first: call :meth:`MaildirUsage.usage` off
+    the event loop (it counts), then ask again."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(str(root))
@@ -206,46 +186,109 @@ class UsageUnknown(Exception):
 
 
 class MaildirUsage:
-    """Per-mailbox usage in octets for quota checks, cached in memory.
+    """Mailbox usage in octets for quota checks, from each Maildir's ``maildirsize``.
 
-    A cached figure older than *max_age* seconds is recounted, so the effect of an IMAP client
-    expunging mail shows within that time. :meth:`add` keeps the cache right after our own
-    deliveries. Safe to share between threads.
+    The file is the figure shared by every worker and by other Maildir++ programs, so each check
+    reads it (one small file) instead of keeping a copy that another process could make wrong.
+    Counting a Maildir is the slow part: :meth:`cached`, for the event loop, never counts and
+    raises :class:`UsageUnknown` instead; :meth:`usage`, for threads and the committer, counts
+    when :mod:`postroom.store.quota`'s rules want it. A figure this process counted less than
+    :attr:`grace` seconds ago is trusted even over quota with lines appended since, so that the
+    check repeated after a count does not ask for another. Safe to share between threads.
     """
 
-    def __init__(self, max_age: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_age = max_age
+    #: Seconds a count made here answers the over-quota rule (see above).
+    grace = 5.0
+    #: Mailboxes remembered between a :class:`UsageUnknown` and the count it asks for.
+    _REMEMBERED = 4096
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._clock = clock
+        self._wall_clock = wall_clock  # file mtimes are wall-clock times
         self._lock = threading.Lock()
-        self._cache: dict[Path, tuple[int, float]] = {}
+        self._asked: dict[Path, tuple[int, int]] = {}  # root -> (quota, incoming) of a miss
+        #: root -> when this process last counted it, and what it found (which is all there is
+        #: when the Maildir does not exist yet: nothing is written then)
+        self._counted: dict[Path, tuple[float, quota_file.Reading]] = {}
 
-    def usage(self, root: Path) -> int:
-        now = self._clock()
-        with self._lock:
-            cached = self._cache.get(root)
-            if cached is not None and now - cached[1] < self.max_age:
-                return cached[0]
-        total = scan_usage(root)
-        with self._lock:
-            self._cache[root] = (total, now)
-        return total
+    def cached(self, root: Path, quota: int = 0, incoming: int = 0) -> int:
+        """The octets *root* holds, read from its ``maildirsize``, for judging *incoming* more
+        against *quota* (0: whatever the file says). Raises :class:`UsageUnknown` when it has to
+        be counted first (never counts here), ``OSError`` when it cannot be read."""
+        definition = quota_file.Definition(quota) if quota > 0 else None
+        reading = self._read(root)
+        if reading is None or self._must_count(root, reading, definition, incoming):
+            with self._lock:
+                if len(self._asked) >= self._REMEMBERED:
+                    self._asked.clear()
+                self._asked[root] = (quota, incoming)
+            raise UsageUnknown(root)
+        return reading.octets
 
-    def cached(self, root: Path) -> int:
-        """The cached figure if it is fresh; else :class:`UsageUnknown` (never a scan), for
-        callers on the event loop, which run :meth:`usage` in a thread and ask again."""
-        now = self._clock()
+    def usage(self, root: Path, quota: int | None = None, incoming: int = 0) -> int:
+        """Like :meth:`cached`, but counts the Maildir (and rewrites its ``maildirsize``) when
+        needed: blocking. Without *quota*, the one of the :class:`UsageUnknown` raised for *root*
+        is taken, else the file's own."""
         with self._lock:
-            cached = self._cache.get(root)
-            if cached is not None and now - cached[1] < self.max_age:
-                return cached[0]
-        raise UsageUnknown(root)
+            asked = self._asked.pop(root, None)
+        if quota is None and asked is not None:
+            quota, incoming = asked
+        definition = quota_file.Definition(quota) if quota else None
+        reading = self._read(root)
+        if reading is None or self._must_count(root, reading, definition, incoming):
+            keep = definition or (reading.definition if reading is not None else None)
+            if keep is None:
+                return quota_file.scan(root)[0]  # nothing to write it with: only count
+            reading = quota_file.recalc(root, keep)
+            with self._lock:
+                if len(self._counted) >= self._REMEMBERED:
+                    self._counted.clear()
+                self._counted[root] = (self._clock(), reading)
+        return reading.octets
 
-    def add(self, root: Path, octets: int) -> None:
+    def _recent(self, root: Path) -> quota_file.Reading | None:
+        """What this process counted in *root* less than :attr:`grace` seconds ago, if it did."""
         with self._lock:
-            cached = self._cache.get(root)
-            if cached is not None:
-                self._cache[root] = (cached[0] + octets, cached[1])
+            counted = self._counted.get(root)
+        if counted is None or self._clock() - counted[0] >= self.grace:
+            return None
+        return counted[1]
+
+    def _read(self, root: Path) -> quota_file.Reading | None:
+        reading = quota_file.read(root)
+        if reading is None:  # a count just made that could not be written: no Maildir yet
+            return self._recent(root)
+        return reading
+
+    def _must_count(self, root: Path, reading: quota_file.Reading,
+                    definition: quota_file.Definition | None, incoming: int) -> bool:
+        if quota_file.unusable(reading, definition):
+            return True
+        if not quota_file.doubtful(reading, incoming, self._wall_clock()):
+            return False
+        return self._recent(root) is None
+
+    def add(self, root: Path, octets: int, count: int = 1) -> None:
+        """Account *count* messages of *octets* just delivered to *root* (one appended line,
+        when the Maildir has a ``maildirsize``; never raises).
+
+        The spool and the queue runner call it in their committer job, as soon as
+        :func:`write_message` has handed the file to the round, so that a check and the count
+        that follows it stay in one thread and the next job sees it. A round that then fails
+        leaves the line behind: an overcount, which the next over-quota check counts away.
+        """
+        quota_file.add(root, octets, count)
 
     def forget(self, root: Path) -> None:
         with self._lock:
-            self._cache.pop(root, None)
+            self._asked.pop(root, None)
+            self._counted.pop(root, None)
+
+
+# At the end: postroom.store's package imports this module (store.maildir), so the store's quota
+# module can only be imported once everything above exists, whichever is imported first.
+from postroom.store import quota as quota_file  # noqa: E402

@@ -76,15 +76,18 @@ class Router:
         self,
         store: AccountStore,
         delivery: DeliverySection,
-        usage: Callable[[Path], int],
+        usage: Callable[[Path, int, int], int],
         data_dir: Path,
     ) -> None:
-        """*usage* returns the octets a Maildir holds now (for quotas). ``delivery`` may be
-        replaced on a running router (configuration reload)."""
+        """*usage* ``(maildir, quota, incoming)`` returns the octets a Maildir holds now, for
+        judging *incoming* more octets against *quota* (``MaildirUsage.cached``: it reads the
+        Maildir++ ``maildirsize``, or raises ``UsageUnknown`` when that must be counted first).
+        ``delivery`` may be replaced on a running router (configuration reload)."""
         self._store = store
         self.delivery = delivery
         self._usage = usage
         self._data_dir = data_dir
+        self._full_ok = False  # set for the length of one resolve() (synchronous)
 
     # --- public ---
 
@@ -94,8 +97,20 @@ class Router:
         operator granted (``postroom user sender``). StorageError when the store fails."""
         return self._store.may_send_as(login, sender, self.delivery.recipient_delimiter)
 
-    def resolve(self, address: Address, *, may_relay: bool) -> list[Destination] | Rejected:
-        """The destinations of one ``RCPT TO`` address, or the reply refusing it."""
+    def resolve(self, address: Address, *, may_relay: bool,
+                full_mailbox_ok: bool = False) -> list[Destination] | Rejected:
+        """The destinations of one ``RCPT TO`` address, or the reply refusing it.
+
+        ``full_mailbox_ok``: a mailbox over its quota is routed all the same (for our own
+        delivery notices, which nobody would retry after a 552: the spool queues the copy for
+        a full mailbox until it has room or expires, as Postfix's local delivery defers it)."""
+        self._full_ok = full_mailbox_ok
+        try:
+            return self._resolve(address, may_relay=may_relay)
+        finally:
+            self._full_ok = False
+
+    def _resolve(self, address: Address, *, may_relay: bool) -> list[Destination] | Rejected:
         shown = format_address(address.local, address.domain)
         if address.is_null:
             return Rejected(501, "5.1.3", "<>: Recipient address rejected: Bad address syntax")
@@ -120,7 +135,7 @@ class Router:
         that would take a mailbox past its quota; None when it fits."""
         if not isinstance(dest, LocalDelivery) or dest.quota <= 0:
             return None
-        if self._usage(dest.maildir) + size > dest.quota:
+        if self._usage(dest.maildir, dest.quota, size) + size > dest.quota:
             return Rejected(
                 552, "5.2.2", f"<{dest.mailbox}>: Recipient address rejected: Mailbox full"
             )
@@ -164,7 +179,9 @@ class Router:
         return local[:cut] if cut > 0 else None
 
     def _mailbox(self, user: User) -> _Result:
-        if user.quota > 0 and self._usage(user.maildir) >= user.quota:
+        # Full when not one more octet fits; the size is not known yet (no SIZE=, or later).
+        if (user.quota > 0 and not self._full_ok
+                and self._usage(user.maildir, user.quota, 1) >= user.quota):
             return _Fail.FULL
         return [LocalDelivery(mailbox=user.address, maildir=user.maildir, quota=user.quota)]
 

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from postroom import log
-from postroom.delivery.maildir import UsageUnknown
 from postroom.errors import StorageError
 from postroom.ids import new_queue_id
 from postroom.message.address import parse_path
@@ -130,11 +129,9 @@ class Notifier:
     async def _spool_notice(self, to: str, data: bytes, eight_bit: bool, smtputf8: bool
                             ) -> str | None:
         address = parse_path(f"<{to}>", utf8=True)
-        try:
-            outcome = self.router.resolve(address, may_relay=True)
-        except UsageUnknown as unknown:  # a quota needs a count: off the loop, then again
-            await asyncio.to_thread(self.spool.usage.usage, unknown.root)
-            outcome = self.router.resolve(address, may_relay=True)
+        # A full mailbox still gets its notice: the spool queues that copy (4.2.2) until there
+        # is room or it expires, rather than the notice being lost.
+        outcome = self.router.resolve(address, may_relay=True, full_mailbox_ok=True)
         if isinstance(outcome, Rejected) and outcome.code // 100 == 4:
             return None  # temporary (a lookup failed): try the notice again later
         if isinstance(outcome, Rejected):  # e.g. the sender's local mailbox is gone

@@ -200,8 +200,10 @@ class DurableFile:
         except OSError as exc:
             raise storage_error(exc, f"writing {self.tmp_path}") from exc
 
-    def commit(self, final_path: str, dirsync: DirSync | None = None) -> None:
-        """Make the file durable under *final_path*.
+    def commit(self, final_path: str, dirsync: DirSync | None = None, *,
+               mtime: float | None = None) -> None:
+        """Make the file durable under *final_path* (with *mtime* as its modification time,
+        when given: the queue keeps a retry time there).
 
         With *dirsync* (in a job) the data is written now and the rest is left to the round:
         fsync, close, rename, then fsync of *final_path*'s directory, which the round registers
@@ -210,6 +212,11 @@ class DurableFile:
         """
         self._flush()
         assert self._fd is not None, "commit after close"
+        if mtime is not None:
+            try:
+                os.utime(self._fd, (mtime, mtime))
+            except OSError as exc:
+                raise storage_error(exc, f"setting the time of {self.tmp_path}") from exc
         self.final_path = final_path
         if dirsync is not None:
             dirsync._files.append(self)

@@ -164,11 +164,16 @@ class QueueRunner:
         rng: random.Random | None = None,
         deliverer: RemoteDeliverer | None = None,
         notifier: Notifier | None = None,
+        quota_of: Callable[[str], int | None] | None = None,
     ) -> None:
         self._spool = spool
         self._committer = committer
         self.deliverer = deliverer
         self.notifier = notifier
+        #: The current quota of a local mailbox (None: no such account any more): a queued
+        #: recipient's route keeps the quota of when it was routed, which an operator may
+        #: have raised since.
+        self.quota_of = quota_of
         self._inflight: set[str] = set()  # queue ids being worked on
         self._tasks: set[asyncio.Task[None]] = set()
         self._gate = asyncio.Semaphore(CONCURRENCY)
@@ -269,10 +274,10 @@ class QueueRunner:
         """Start work on every message with recipients due now (unless already under way);
         return the next due time and the tasks started."""
         now = self._clock()
-        entries = await asyncio.to_thread(self._spool.load_queue)
+        entries, earliest = await asyncio.to_thread(self._spool.load_due, now,
+                                                    2 * self.config.queue.max_backoff)
         gate = self._gate
         work: list[asyncio.Task[None]] = []
-        earliest: float | None = None
         for envelope, path in entries:
             if envelope.hold or envelope.queue_id in self._inflight:
                 continue
@@ -404,6 +409,7 @@ class QueueRunner:
         work = _Work(envelope, path, now, expires, held=held)
         local = [r for r in due if isinstance(r.destination, LocalDelivery)]
         if local:
+            self._current_quotas(local)
             await self._begin(work, local)
             begun = time.monotonic()
             try:
@@ -461,8 +467,13 @@ class QueueRunner:
         envelope.rev += 1
         line = envelope.to_json()
         queue_id = envelope.queue_id
+        waiting = [r.next_attempt for r in envelope.recipients if _waiting(r)]
+        # the file's mtime says when to look at it again (Spool.load_due); a notice still owed
+        # or a recipient due now: at once
+        due = min(waiting) if waiting and not any(map(owes_notice, envelope.recipients)) \
+            else None
         await self._committer.submit(
-            lambda ds: self._spool.replace_envelope(path, queue_id, line, ds))
+            lambda ds: self._spool.replace_envelope(path, queue_id, line, ds, due))
 
     def _transactions(self, recipients: list[Recipient]) -> list[tuple[str, list[Recipient]]]:
         """Recipients grouped by domain, at most the per-transaction limit in a group."""
@@ -592,6 +603,21 @@ class QueueRunner:
         )
         # The last try falls at the expiry time, so a bounce is not late by a whole backoff.
         return min(now + delay, expires) if now < expires else now + delay
+
+    def _current_quotas(self, recipients: list[Recipient]) -> None:
+        quota_of = self.quota_of
+        if quota_of is None:
+            return
+        for recipient in recipients:
+            dest = recipient.destination
+            assert isinstance(dest, LocalDelivery)
+            try:
+                quota = quota_of(dest.mailbox)
+            except Exception as exc:  # the accounts store failed: the routed value stands
+                logger.warning("cannot read the quota of %s: %s", dest.mailbox, exc)
+                continue
+            if quota is not None and quota != dest.quota:
+                recipient.destination = dataclasses.replace(dest, quota=quota)
 
     def _deliver(
         self, envelope: Envelope, path: Path, recipients: list[Recipient], dirsync: DirSync

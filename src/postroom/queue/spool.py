@@ -378,7 +378,7 @@ class Spool:
         headers = delivery_headers(envelope.sender, dest.mailbox)
         size = len(headers) + len(prepend) + message.size
         try:
-            if dest.quota and self.usage.usage(dest.maildir) + size > dest.quota:
+            if dest.quota and self.usage.usage(dest.maildir, dest.quota, size) + size > dest.quota:
                 raise OverQuota("mailbox full (over quota)")
         except OSError as exc:  # counting the mailbox's usage
             raise storage_error(exc, f"reading Maildir {dest.maildir}") from exc
@@ -422,9 +422,34 @@ class Spool:
 
         Blocking (reads each envelope line); from a coroutine use ``asyncio.to_thread``.
         """
+        return self.load_due(None)[0]
+
+    def load_due(self, now: float | None, horizon: float = 86400.0
+                 ) -> tuple[list[tuple[Envelope, Path]], float | None]:
+        """The queue files that may have work due at *now* (all of them when None), oldest
+        first, and the soonest due time of those left unread.
+
+        A queue file's mtime is the time its next retry is due (:meth:`replace_envelope`, the
+        trick Postfix's deferred queue uses), so a file whose mtime is still ahead is not opened:
+        a scan of a big queue of deferred mail costs a directory listing, not a read per file.
+        An mtime more than *horizon* ahead (a clock that went back) is not trusted.
+        """
         found: list[tuple[Envelope, Path]] = []
+        later: float | None = None
+        names: list[str] = []
         with os.scandir(self.active) as entries:
-            names = [e.name for e in entries if not e.name.startswith(".") and e.is_file()]
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_file():
+                    continue
+                if now is not None:
+                    try:
+                        due = entry.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if now < due <= now + horizon:
+                        later = due if later is None else min(later, due)
+                        continue
+                names.append(entry.name)
         for name in names:
             path = self.active / name
             try:
@@ -436,7 +461,7 @@ class Spool:
                 continue
             found.append((envelope, path))
         found.sort(key=lambda item: (item[0].arrival, item[0].queue_id))
-        return found
+        return found, later
 
     def _quarantine(self, path: Path, exc: BaseException) -> None:
         target = self.corrupt / path.name
@@ -456,8 +481,11 @@ class Spool:
         envelope.rev += 1
         self.replace_envelope(path, envelope.queue_id, envelope.to_json(), dirsync)
 
-    def replace_envelope(self, path: Path, queue_id: str, line: str, dirsync: DirSync) -> None:
+    def replace_envelope(self, path: Path, queue_id: str, line: str, dirsync: DirSync,
+                         due: float | None = None) -> None:
         """Replace the envelope line of queue file *path* with *line* (JSON), atomically.
+        *due*, the time the message's next retry is due, becomes the file's mtime (see
+        :meth:`load_due`); None leaves it at now (due at the next scan).
 
         Writes a new file (new envelope line, then the old file's message data) in ``incoming/``;
         the round fsyncs it and renames it over *path*: after a crash the file holds either the old
@@ -477,7 +505,7 @@ class Spool:
                     out.write(block)
             except OSError as exc:
                 raise storage_error(exc, f"reading {path}") from exc
-            out.commit(str(path), dirsync)
+            out.commit(str(path), dirsync, mtime=due)
 
     def read_body(self, path: Path) -> Iterator[bytes]:
         """The Received header and message in a queue file (CRLF), in blocks."""

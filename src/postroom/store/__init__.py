@@ -5,6 +5,7 @@
 - :mod:`.maildir`: the default backend, :class:`MaildirStore` (Maildir + SQLite index).
 - :mod:`.index`: the SQLite index: schema, rebuild, UIDVALIDITY counter.
 - :mod:`.names`: Maildir file names (unique part, ``S=``/``W=`` sizes, flag letters).
+- :mod:`.keywords`: keywords as letters in file names, with Dovecot's ``dovecot-keywords`` table.
 - :mod:`.folders`: Maildir++ folders, modified UTF-7 names, special-use roles, and
   :func:`create_default_folders` for new accounts.
 """

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 from postroom.errors import PostroomError
 
@@ -57,9 +57,9 @@ class FolderError(StoreError):
     """A folder name is invalid, unknown, or already taken."""
 
 
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
-    """One message as the index knows it."""
+class MessageInfo(NamedTuple):
+    """One message as the index knows it. A named tuple, not a frozen dataclass: a sync of a
+    large mailbox makes one per message, and a tuple is made in a third of the time."""
 
     uid: int
     key: str  # stable identity on the backend (Maildir: the unique part of the file name)

@@ -2,11 +2,12 @@
 
 The Maildir stays the truth about which messages exist and their flags (another program may add,
 remove or re-flag files at any time); the index keeps what Maildir cannot: each folder's
-UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ, each message's UID, keywords, modseq and sizes, and the
-expunged UIDs with their modseqs (for IMAP QRESYNC's VANISHED, RFC 7162 3.2.10). It lives in the
-Maildir's root as ``postroom-index.sqlite``: Dovecot keeps its ``dovecot.index*`` there too, and
-Maildir readers ignore plain files in the root (Python's ``mailbox.Maildir`` lists only
-directories as folders; Dovecot 2.3 checks the entry type; mutt reads ``cur/`` and ``new/``).
+UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ, each message's UID, modseq and sizes (and the rare
+keywords its name has no letter for, :mod:`.keywords`), and the expunged UIDs with their modseqs
+(for IMAP QRESYNC's VANISHED, RFC 7162 3.2.10). It lives in the Maildir's root as
+``postroom-index.sqlite``: Dovecot keeps its ``dovecot.index*`` there too, and Maildir readers
+ignore plain files in the root (Python's ``mailbox.Maildir`` lists only directories as folders;
+Dovecot 2.3 checks the entry type; mutt reads ``cur/`` and ``new/``).
 
 Schema (version 1)::
 
@@ -16,7 +17,8 @@ Schema (version 1)::
         PRIMARY KEY (mailbox, uid); UNIQUE (mailbox, key)
         key      the file name's unique part (before ":"), the message's identity
         path     "new/<name>" or "cur/<name>", relative to the folder, as last seen
-        letters  the Maildir flag letters of that name; keywords: space-separated, in the index only
+        letters  the Maildir flag letters of that name (keywords among them as a..z, see
+                 :mod:`.keywords`); keywords: space-separated, those without a letter (past 26)
     expunged(mailbox, uid, modseq)           PRIMARY KEY (mailbox, uid)
 
 Change counter: ``meta('changes')`` goes up by one in every write transaction that changed a
