@@ -187,6 +187,64 @@ def test_a_large_message_streams_exactly(server: Pop3TestServer) -> None:
     client.quit()
 
 
+def _edge_messages() -> list[bytes]:
+    """Messages for the encoder's edge cases; the last is read in chunks (READ_CHUNK = 64 KiB):
+    a CRLF cut between the first two chunks, an LF and the "." after it between the next two."""
+    chunk = 64 * 1024
+    big = bytearray(b"Subject: big\n\n")
+    while len(big) < chunk - 1:
+        big += b"filler line\n"
+    del big[chunk - 1:]
+    big += b"\r\n"  # the CR ends the first chunk, its LF starts the second
+    while len(big) < 2 * chunk - 1:
+        big += b"more\n"
+    del big[2 * chunk - 1:]
+    big += b"\n.dot after a chunk boundary\n.\n"  # stuffed across the cut
+    assert big[chunk - 1 : chunk + 1] == b"\r\n" and big[2 * chunk - 1 : 2 * chunk + 1] == b"\n."
+    return [b".first line\nx\n.\n..\nno final line end", b"crlf\r\n.stored\r\n", b"bare\rcr\r",
+            bytes(big)]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_retr_sends_exactly_the_encoded_octets(tmp_path: Path, loop: str, tls: bool) -> None:
+    """The wire bytes of RETR, unparsed, for dot lines (first, lone, last without line end),
+    CRLF- and CR-stored messages and a streamed one, in plaintext and over TLS."""
+    from tests.test_pop3_content import reference
+
+    messages = _edge_messages()
+    with Pop3TestServer(tmp_path, loop=loop, allow_plaintext=True) as srv:
+        fill(srv, messages)
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.create_connection(
+                ("127.0.0.1", srv.tls_port if tls else srv.port), timeout=10))
+            if tls:
+                sock = stack.enter_context(client_context(srv.cert).wrap_socket(sock))
+            data = b""
+
+            def until(end: bytes) -> bytes:
+                nonlocal data
+                while end not in data:
+                    chunk = sock.recv(65536)
+                    assert chunk, data[-200:]
+                    data += chunk
+                answer, _, data = data.partition(end)
+                return answer + end
+
+            until(b"\r\n")
+            sock.sendall(b"USER alice@example.com\r\nPASS alice-secret\r\n")
+            assert until(b"+OK Logged in.\r\n").endswith(b"+OK Logged in.\r\n")
+            for number, message in enumerate(messages, 1):
+                sock.sendall(b"LIST %d\r\nRETR %d\r\n" % (number, number))
+                body, octets = reference(message)
+                assert until(b"\r\n") == b"+OK %d %d\r\n" % (number, octets)
+                assert until(b"\r\n") == b"+OK %d octets\r\n" % octets
+                assert until(b"\r\n.\r\n") == body  # the first CRLF "." CRLF ends it
+                assert data == b""
+            sock.sendall(b"QUIT\r\n")
+            until(b"left.\r\n")
+
+
 def test_pipelined_commands_on_the_wire(server: Pop3TestServer) -> None:
     fill(server)
     context = client_context(server.cert)

@@ -19,6 +19,10 @@ Nothing here parses POP3. A session answers the core's requests, each in a task 
   Maildir, so every worker and a restarted server agree;
 - ``Retrieve``: the message file in chunks of :data:`READ_CHUNK`, each fed to the core only when
   the socket is not backed up (``pause_writing``), so a session holds at most about a chunk;
+  a message of at most ``inline_read`` octets is read at once on the event loop. With
+  ``read_ahead``, after RETR of message n the session reads n+1 as soon as the loop is free
+  and hands it to the core (``Pop3Connection.prepare``), which answers a RETR of it without a
+  request: one message at a time, dropped after :data:`READ_AHEAD_HOLD` seconds of idleness;
 - ``Commit`` (QUIT in TRANSACTION): expunge the deleted messages (with ``expire = 0`` the core
   has added what was retrieved), mark the retrieved ones seen, log their first retrieval when
   ``expire`` is a number of days, release the lock.
@@ -80,6 +84,10 @@ from postroom.store.pop3records import MaildirPop3Records, Pop3Records, expired
 
 #: Octets read from a message file at a time while sending it.
 READ_CHUNK: Final = 64 * 1024
+#: Seconds a session may sit idle before the message it read ahead is dropped (checked by the
+#: once-a-second sweep): a client that stopped downloading does not keep a copy in memory,
+#: and nobody gets a copy much older than the file.
+READ_AHEAD_HOLD: Final = 1.0
 _SWEEP_INTERVAL: Final = 1.0
 #: At shutdown, how long a session whose transport is closing (its last response written; a TLS
 #: one waits for the client's close_notify, RFC 8446 6.1) may take before it is aborted: an idle
@@ -219,6 +227,12 @@ class Pop3ServerSettings:
     #: costs less than a thread hop, and RETR of many small messages is the common case);
     #: larger ones, and everything when 0, in a worker thread.
     inline_read: int = 64 * 1024
+    #: After RETR of message n, read message n+1 (when it is at most ``inline_read``) while the
+    #: client takes in the answer, so a client downloading in order gets each answer without
+    #: waiting for the file read and the encoding. Costs one message's read when the client
+    #: asks for something else; the copy is held until the next RETR, at most about
+    #: :data:`READ_AHEAD_HOLD` seconds of idleness.
+    read_ahead: bool = True
 
 
 def expire_days(expire: int | str | None) -> int | None:
@@ -293,7 +307,7 @@ class Pop3Session(asyncio.Protocol):
         self._lock: SessionLock | None = None
         self._infos: list[MessageInfo] = []
         self._committed = False
-        self._retrieved_octets = 0
+        self._read_ahead_due = False  # a _read_ahead() call is scheduled
         #: The login attempt counted for the password check in flight, until settled.
         self._reservation: Reservation | None = None
 
@@ -377,6 +391,12 @@ class Pop3Session(asyncio.Protocol):
         if self._upgrade and self._task is None:
             self._upgrade = False
             self._start_tls()
+        elif (self._task is None and not self._read_ahead_due and self._mailbox is not None
+              and not self._write_paused and self.server.settings.read_ahead):
+            number = conn.read_ahead_wanted()
+            if number is not None:
+                self._read_ahead_due = True
+                asyncio.get_running_loop().call_soon(self._read_ahead)
 
     def _flush(self) -> None:
         transport = self.transport
@@ -408,7 +428,12 @@ class Pop3Session(asyncio.Protocol):
 
     def _decide(self, request: Request) -> None:
         conn = self.conn
-        if isinstance(request, StartTls):
+        if isinstance(request, Retrieve):  # first: the one asked for thousands of times
+            info = self._infos[request.number - 1]
+            if info.size <= self.server.settings.inline_read and self._send_small(request, info):
+                return
+            self._spawn(lambda: self._retrieve(request))
+        elif isinstance(request, StartTls):
             if self.server.tls_context is None:
                 conn.refuse(r.err("TLS is not available.", r.SYS_TEMP))
             else:
@@ -420,11 +445,6 @@ class Pop3Session(asyncio.Protocol):
             self._spawn(lambda: self._login_failed(request))
         elif isinstance(request, OpenMaildrop):
             self._spawn(lambda: self._open_maildrop(request), cancellable=False)
-        elif isinstance(request, Retrieve):
-            info = self._infos[request.number - 1]
-            if info.size <= self.server.settings.inline_read and self._send_small(request, info):
-                return
-            self._spawn(lambda: self._retrieve(request))
         elif isinstance(request, Commit):
             self._committed = True  # from now on the UPDATE owns the mailbox
             self._spawn(lambda: self._commit(request), cancellable=False)
@@ -648,6 +668,30 @@ class Pop3Session(asyncio.Protocol):
             fh.close()
             raise
 
+    def _read_ahead(self) -> None:
+        """Read the message the core would like next (``read_ahead_wanted``), now that the loop
+        has written the last answer and has nothing else to do. Asked again here: the client may
+        have sent a command meanwhile, or left. Any trouble with the file is left for the RETR
+        that may follow, which reports it."""
+        self._read_ahead_due = False
+        conn = self.conn
+        mailbox = self._mailbox
+        if (mailbox is None or self._task is not None or self._write_paused or self._committed
+                or self.transport is None or self.transport.is_closing()):
+            return
+        number = conn.read_ahead_wanted()
+        if number is None:
+            return
+        info = self._infos[number - 1]
+        if info.size > self.server.settings.inline_read:
+            return
+        try:
+            data = mailbox.read_message(info.uid, READ_CHUNK)
+        except (MessageGone, StorageError, OSError):
+            return
+        if len(data) < READ_CHUNK:
+            conn.prepare(number, data)
+
     def _send_small(self, request: Retrieve, info: MessageInfo) -> bool:
         """Send a small message at once, read on the event loop (see ``inline_read``): no task
         and no thread hop per message. False when it turned out larger than listed: the caller
@@ -668,8 +712,6 @@ class Pop3Session(asyncio.Protocol):
         if data:
             conn.message_data(data)
         conn.message_end()
-        if request.lines is None:
-            self._retrieved_octets += info.crlf_size
         return True
 
     async def _retrieve(self, request: Retrieve) -> None:
@@ -700,8 +742,6 @@ class Pop3Session(asyncio.Protocol):
                     return
                 data = await asyncio.to_thread(fh.read, READ_CHUNK)
             conn.message_end()
-            if request.lines is None:
-                self._retrieved_octets += info.crlf_size
         except OSError as exc:
             log.logger.error("pop3 RETR for <%s>: %s", conn.user, exc)
             conn.refuse(r.MESSAGE_UNAVAILABLE)  # data went out already: the core closes
@@ -717,7 +757,7 @@ class Pop3Session(asyncio.Protocol):
             return
         log.logger.info("pop3 logout: user=<%s>, client=%s, retrieved=%d, deleted=%d, octets=%d",
                         self.conn.user, self.describe(), len(request.retrieved),
-                        len(request.deleted), self._retrieved_octets)
+                        len(request.deleted), self.conn.retrieved_octets)
         self.conn.proceed()
 
     def _update(self, deleted: Sequence[int], retrieved: Sequence[int]) -> None:
@@ -813,6 +853,8 @@ class Pop3Session(asyncio.Protocol):
         if self.conn.closed:
             return
         settings = self.server.settings
+        if now - self.last_activity > READ_AHEAD_HOLD:
+            self.conn.drop_prepared()
         limit = settings.idle_timeout if self.conn.logged_in else settings.auth_timeout
         if now - self.last_activity <= limit:
             return

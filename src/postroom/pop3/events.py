@@ -13,7 +13,8 @@
     │   ├── OpenMaildrop      authenticated: lock and list the maildrop, then
     │   │                     maildrop_opened(messages), or refuse(response): [IN-USE] ...
     │   ├── Retrieve          RETR or TOP: message_data(chunk)... then message_end(), or
-    │   │                     refuse(response) before the first chunk
+    │   │                     refuse(response) before the first chunk (not asked for a RETR
+    │   │                     of the message the transport read ahead: prepare())
     │   └── Commit            QUIT in TRANSACTION: the UPDATE state (RFC 1939 6): remove the
     │                         deleted messages, mark the retrieved ones seen, then proceed(),
     │                         or refuse(response) when some could not be removed

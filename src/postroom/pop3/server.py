@@ -14,6 +14,7 @@ How a transport drives it::
                if isinstance(event, Request): answer it (see events.py), now or later
                out = conn.data_to_send()       # send it; stop when both are empty
     always:    close the connection once conn.closed and the output is sent
+    idle:      n = conn.read_ahead_wanted()    # optional: read message n, conn.prepare(n, data)
 
 Each :class:`~postroom.pop3.events.Request` has one answer; until it comes no further input is
 parsed, so the responses to pipelined commands stay in order (RFC 2449 6.6).
@@ -27,6 +28,8 @@ Output stays bounded: LIST and UIDL of a large maildrop are produced in pieces o
 :data:`OUTPUT_CHUNK` octets as the transport takes them, and a message is fed in chunks by the
 transport, which watches :attr:`Pop3Connection.output_size` and its socket's flow control. The
 core does the CRLF conversion, byte-stuffing and terminator (:mod:`postroom.pop3.content`).
+A message read ahead (:meth:`Pop3Connection.prepare`) is held encoded, one at a time, until
+the next RETR; its size is the transport's to bound.
 
 Input is read in lines ending with LF (a CR before it is dropped). RFC 2449 4 bounds command
 lines at 255 octets; PASS may take :data:`PASS_LINE` (long passwords), AUTH
@@ -155,11 +158,15 @@ class Pop3Connection:
         "_events",
         "_exchange",
         "_in",
+        "_last_retr",
         "_long_line",
         "_mechanism",
         "_out",
+        "_out_size",
         "_pending",
+        "_prepared",
         "_retrieved",
+        "_retrieved_octets",
         "_settings",
         "_sizes",
         "_state",
@@ -179,7 +186,10 @@ class Pop3Connection:
         self._tls = tls
         self._state = State.AUTHORIZATION
         self._in = bytearray()
-        self._out = bytearray()
+        #: Output waiting for data_to_send(): pieces joined once there, so a message body is
+        #: copied once on its way out, not into a buffer and out of it again.
+        self._out: list[bytes] = []
+        self._out_size = 0
         self._events: list[Event] = []
         self._pending: Request | None = None
         self._stream: Iterator[bytes] | None = None  # a listing being produced
@@ -198,6 +208,11 @@ class Pop3Connection:
         self._uidls: list[str] = []
         self._deleted = bytearray()
         self._retrieved = bytearray()
+        self._retrieved_octets = 0
+        self._last_retr = 0  # the message the last whole RETR sent
+        #: A message read ahead (see prepare()): its number, the whole response (status line,
+        #: body, terminator), and its octets in CRLF form.
+        self._prepared: tuple[int, bytes, int] | None = None
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -225,7 +240,7 @@ class Pop3Connection:
     @property
     def output_size(self) -> int:
         """Octets queued and not yet taken by :meth:`data_to_send`."""
-        return len(self._out)
+        return self._out_size
 
     @property
     def buffered(self) -> int:
@@ -241,6 +256,11 @@ class Pop3Connection:
     def retrieved(self) -> tuple[int, ...]:
         """Message numbers sent whole by RETR: what a client has seen, even without QUIT."""
         return tuple(i + 1 for i, d in enumerate(self._retrieved) if d)
+
+    @property
+    def retrieved_octets(self) -> int:
+        """Octets of message sent by RETR, in CRLF form (stuffing and terminators left out)."""
+        return self._retrieved_octets
 
     @property
     def plaintext_allowed(self) -> bool:
@@ -295,15 +315,19 @@ class Pop3Connection:
     def data_to_send(self) -> bytes:
         """Everything queued, plus the next piece of a listing in progress."""
         stream = self._stream
-        while stream is not None and len(self._out) < OUTPUT_CHUNK:
+        while stream is not None and self._out_size < OUTPUT_CHUNK:
             piece = next(stream, None)
             if piece is None:
                 self._stream = stream = None
             else:
-                self._out += piece
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+                self._send(piece)
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_size = 0
+        return data
 
     def timeout(self) -> None:
         """The client was silent too long (RFC 1939 3: the autologout timer): -ERR and close,
@@ -416,7 +440,7 @@ class Pop3Connection:
             self._start_content(request)
         content = self._content
         assert content is not None
-        self._out += content.feed(chunk)
+        self._send(content.feed(chunk))
         return not content.done
 
     def message_end(self) -> None:
@@ -429,19 +453,63 @@ class Pop3Connection:
             self._start_content(request)
         content = self._content
         assert content is not None
-        self._out += content.finish()
+        self._send(content.finish())
         self._pending = None
         self._content = None
         self._content_started = False
         if request.lines is None:
-            self._retrieved[request.number - 1] = 1
-            if content.octets != request.size:
-                self._events.append(SizeMismatch(request.number, request.size, content.octets))
+            self._retrieved_whole(request.number, content.octets)
+
+    def read_ahead_wanted(self) -> int | None:
+        """The message worth reading ahead now, or None.
+
+        POP3 clients download a maildrop in order (RFC 1939 gives them nothing else to go by):
+        after RETR of message n, RETR of n+1 is the likely next command. A transport that reads
+        that message while the client is still taking in the last one, and hands it to
+        :meth:`prepare`, takes the file read and the encoding off the time between the client's
+        command and the answer. Asked when the core is idle: a message in TRANSACTION, not
+        deleted, not prepared yet, and no input buffered (a command that is waiting goes first).
+        """
+        number = self._last_retr + 1
+        if (self._state is not State.TRANSACTION or self._in or self._pending is not None
+                or self._stream is not None or self._eof or self._last_retr == 0
+                or number > len(self._sizes) or self._deleted[number - 1]):
+            return None
+        prepared = self._prepared
+        if prepared is not None and prepared[0] == number:
+            return None
+        return number
+
+    def prepare(self, number: int, data: bytes) -> None:
+        """Message *number*, whole and as stored, read ahead (see :meth:`read_ahead_wanted`).
+        It is encoded now and kept until the next RETR: a RETR of *number* sends it without a
+        :class:`Retrieve` request, any other RETR drops it. One message is kept at a time; the
+        transport bounds its size, and may :meth:`drop_prepared` it (an idle client)."""
+        if (self._state is not State.TRANSACTION or not 1 <= number <= len(self._sizes)
+                or self._deleted[number - 1]):
+            return
+        content = ContentEncoder()
+        body = content.feed(data)
+        # Joined now, while the client is busy, so the answer leaves in one piece, uncopied.
+        response = b"".join((b"+OK %d octets\r\n" % self._sizes[number - 1], body, content.finish()))
+        self._prepared = (number, response, content.octets)
+
+    def drop_prepared(self) -> None:
+        """Forget the message read ahead (its memory, and a copy that may go stale)."""
+        self._prepared = None
+
+    def _retrieved_whole(self, number: int, octets: int) -> None:
+        self._retrieved[number - 1] = 1
+        self._retrieved_octets += octets
+        self._last_retr = number
+        size = self._sizes[number - 1]
+        if octets != size:
+            self._events.append(SizeMismatch(number, size, octets))
 
     def _start_content(self, request: Retrieve) -> None:
         self._content_started = True
         if request.lines is None:
-            self._reply(r.ok(f"{request.size} octets"))
+            self._send(b"+OK %d octets\r\n" % request.size)  # r.ok(f"{size} octets"), per RETR
         else:
             self._reply(r.ok("Top of message follows."))
 
@@ -451,6 +519,7 @@ class Pop3Connection:
         self._in.clear()
         self._stream = None
         self._content = None
+        self._prepared = None
         self._exchange = None
         self._checker = None
         if self._pending is not None:
@@ -464,8 +533,13 @@ class Pop3Connection:
         self._pending = request
         self._events.append(request)
 
+    def _send(self, data: bytes) -> None:
+        if data:
+            self._out.append(data)
+            self._out_size += len(data)
+
     def _reply(self, response: Response) -> None:
-        self._out += response.to_bytes()
+        self._send(response.to_bytes())
 
     def _error(self, response: Response) -> None:
         """A bad command: reply, and count it (RFC 2449 gives no limit; Dovecot closes at 10)."""
@@ -487,7 +561,7 @@ class Pop3Connection:
         """Consume input until a request waits, input runs out, or output should be taken."""
         buf = self._in
         while (buf and self._pending is None and self._stream is None
-               and len(self._out) < OUTPUT_CHUNK):
+               and self._out_size < OUTPUT_CHUNK):
             state = self._state
             if state in COMMAND_STATES or state is State.IN_AUTH:
                 if not self._read_line():
@@ -561,7 +635,7 @@ class Pop3Connection:
     def _outcome(self, outcome: Outcome) -> None:
         """Act on what the mechanism (or exchange) answered."""
         if isinstance(outcome, Challenge):
-            self._out += b"+ " + outcome.text.encode("ascii") + b"\r\n"
+            self._send(b"+ " + outcome.text.encode("ascii") + b"\r\n")
         elif isinstance(outcome, PasswordCheck):
             exchange = self._exchange
             if exchange is not None:
@@ -646,7 +720,7 @@ class Pop3Connection:
             # RFC 1734's listing form, which some clients still send to learn the mechanisms.
             lines = "".join(f"{m}\r\n" for m in self.offered_mechanisms())
             self._reply(r.ok("Supported mechanisms follow."))
-            self._out += lines.encode("ascii") + b".\r\n"
+            self._send(lines.encode("ascii") + b".\r\n")
             return
         if len(words) > 2 or not words[0]:
             self._error(r.err("Syntax: AUTH <mechanism> [initial-response]"))
@@ -693,7 +767,7 @@ class Pop3Connection:
         if settings.login_delay is not None:
             lines.append(f"LOGIN-DELAY {settings.login_delay}")
         self._reply(r.ok("Capability list follows."))
-        self._out += "".join(f"{line}\r\n" for line in lines).encode("ascii") + b".\r\n"
+        self._send("".join(f"{line}\r\n" for line in lines).encode("ascii") + b".\r\n")
 
     def _quit_cmd(self, arg: str) -> None:
         if self._state is State.TRANSACTION:
@@ -778,11 +852,15 @@ class Pop3Connection:
 
     def _retr_cmd(self, arg: str) -> None:
         words = arg.split()
+        prepared, self._prepared = self._prepared, None
         if len(words) != 1:
             self._error(r.err("Syntax: RETR <message>"))
             return
         number = self._number(words[0])
-        if number is not None:
+        if number is not None and prepared is not None and prepared[0] == number:
+            self._send(prepared[1])
+            self._retrieved_whole(number, prepared[2])
+        elif number is not None:
             self._content = ContentEncoder()
             self._content_started = False
             self._request(Retrieve(number, self._uidls[number - 1], self._sizes[number - 1], None))

@@ -33,6 +33,10 @@ class State(Enum):
     UPDATE = auto()  # QUIT in TRANSACTION: the transport commits the deletions (RFC 1939 6)
     CLOSED = auto()  # final
 
+    # Enum's own __hash__ is Python code (hash of the name), and the core tests a state's set
+    # membership several times per command; the members are singletons compared by identity.
+    __hash__ = object.__hash__
+
     @property
     def phase(self) -> str:
         """The RFC 1939 state this one belongs to."""
