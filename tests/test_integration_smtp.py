@@ -630,3 +630,30 @@ def test_workers_failing_at_start_stop_the_server(tmp_path: Path) -> None:
     log = handle.log()
     assert "failed 5 times right after starting; stopping" in log
     assert "starting a new one in 1.0 s" in log and "starting a new one in 4.0 s" in log
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    """A supervisor killed outright takes its workers with it (they get SIGTERM and stop):
+    nothing is left holding the ports or the queue."""
+    handle = make_server(tmp_path)
+    handle.config_path.write_text(handle.config_path.read_text()
+                                  .replace('run_as = ""', 'run_as = ""\nworkers = 2'))
+    handle.start()
+    assert handle.proc is not None
+    children = Path(f"/proc/{handle.proc.pid}/task/{handle.proc.pid}/children")
+    handle.wait_for(lambda: handle.log().count("postroom ready") == 2)
+    workers = [int(pid) for pid in children.read_text().split()]
+    assert len(workers) == 2
+    handle.kill()
+
+    def gone(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+        except FileNotFoundError:
+            return True
+        return state == "Z"  # exited; its new parent has not reaped it yet
+
+    deadline = time.monotonic() + 15
+    while not all(map(gone, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(map(gone, workers)), "workers outlived their supervisor"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import ipaddress
 import os
@@ -471,6 +472,7 @@ class Supervisor:
         self.exit_code = 0
 
     def _spawn(self, worker: int) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 0
@@ -479,6 +481,7 @@ class Supervisor:
                 for sig in _MASTER_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop handles it
+                _stop_with_parent(parent)
                 self.counts.worker = worker
                 log.after_fork()  # the log files stay open: they were opened as root
                 daemon = Daemon(self.config, self.sockets, worker=worker, counts=self.counts,
@@ -576,6 +579,19 @@ class Supervisor:
             if when <= now:
                 del self.respawn[worker]
                 self._spawn(worker)
+
+
+def _stop_with_parent(parent: int) -> None:
+    """A worker whose supervisor dies (killed, crashed) gets SIGTERM and shuts down as on a
+    stop, rather than running on unsupervised and holding the ports (Linux prctl
+    PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the supervisor's own SIGTERM still works
+        return
+    if os.getppid() != parent:  # it died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _describe_status(status: int) -> str:
