@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from postroom.delivery.route import Route, RouteError, Router, Target, TlsPolicy
-from postroom.message.downgrade import DowngradeError, Downgrader, Plan, has_8bit, plan
+from postroom.message.downgrade import DowngradeError, Plan, downgrade, has_8bit, plan
 from postroom.smtp.client import (
     Authenticated,
     ClientConnection,
@@ -148,16 +148,9 @@ class DowngradedSource:
         return self.plan.size
 
     def chunks(self, chunk_size: int) -> Iterator[bytes]:
-        converter = Downgrader(self.plan)
         inner = self.source.chunks(chunk_size)
         try:
-            for chunk in inner:
-                out = converter.feed(chunk)
-                if out:
-                    yield out
-            out = converter.finish()
-            if out:
-                yield out
+            yield from downgrade(inner, self.plan)
         except DowngradeError as exc:  # not what the plan read: treat it as a read error
             raise OSError(f"the message changed during its conversion: {exc.reason}") from None
         finally:
