@@ -14,6 +14,7 @@ from postroom.pop3 import (
     Commit,
     LocalProtocolError,
     LoginFailed,
+    Maildrop,
     MaildropMessage,
     OpenMaildrop,
     Pop3Connection,
@@ -393,6 +394,51 @@ def test_invalid_maildrop_listing_is_a_local_error() -> None:
     conn.maildrop_opened([])
     with pytest.raises(LocalProtocolError):
         conn.proceed()  # nothing pending
+
+
+@pytest.mark.parametrize(("sizes", "uidls"), [
+    ([1], ["bad uidl"]),  # a space: joined, it would look like two good ones
+    ([1, 2], ["a", "a"]),
+    ([1, 2], ["a b", "c"]),
+    ([-1], ["a"]),
+    ([1, 2], ["a"]),
+    ([1], ["x" * 71]),
+    ([1], [""]),
+    ([1], ["caf\u00e9"]),
+    ([1, 2], ["a", "b\x7f"]),
+])
+def test_a_bad_maildrop_cannot_be_made(sizes: list[int], uidls: list[str]) -> None:
+    with pytest.raises(ValueError):
+        Maildrop(sizes, uidls)
+
+
+def test_a_maildrop_made_once_serves_many_sessions() -> None:
+    """A transport keeps one checked Maildrop for an unchanged mailbox and hands it to every
+    session: STAT counts from its total until DELE, each session's deletions are its own."""
+    maildrop = Maildrop([10, 20, 30], ["u1", "x" * 70, "u3"])
+    assert (len(maildrop), maildrop.octets) == (3, 60)
+    answers = []
+    for script in (b"STAT\r\nDELE 2\r\nSTAT\r\nLIST\r\nRSET\r\nSTAT\r\nUIDL 3\r\n", b"STAT\r\n"):
+        conn = Pop3Connection(settings(), tls=True)
+        conn.start()
+        conn.receive_data(b"AUTH PLAIN " + PLAIN_ALICE.encode() + b"\r\n")
+        event = conn.next_event()
+        assert isinstance(event, CheckPassword)
+        conn.password_checked(True)
+        assert isinstance(conn.next_event(), OpenMaildrop)
+        conn.maildrop_opened(maildrop)
+        conn.data_to_send()
+        conn.receive_data(script)
+        out = b""
+        while (event := conn.next_event()) is not None or (piece := conn.data_to_send()):
+            out += b"" if event is not None else piece
+        answers.append(out)
+    assert answers == [
+        b"+OK 3 60\r\n+OK Message 2 deleted.\r\n+OK 2 40\r\n+OK 2 messages (40 octets)\r\n"
+        b"1 10\r\n3 30\r\n.\r\n+OK Maildrop has 3 messages (60 octets).\r\n+OK 3 60\r\n"
+        b"+OK 3 u3\r\n",
+        b"+OK 3 60\r\n",
+    ]
 
 
 # --- TRANSACTION -------------------------------------------------------------------------------

@@ -652,3 +652,41 @@ def test_counted_failures_match_smtp_auth() -> None:
     from postroom.pop3 import COUNTED_FAILURES
 
     assert COUNTED_FAILURES == _COUNTED
+
+
+def test_a_warm_login_reuses_the_maildrop_and_still_sees_new_mail(
+        server: Pop3TestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sizes and UIDLs of an unchanged mailbox are made once per process, not at every login
+    (QUIT's \\Seen changes no size or UIDL); mail delivered right after a QUIT, and a message
+    another program removed, show at the next login."""
+    import postroom.net.pop3 as net_pop3
+    made: list[int] = []
+    real = net_pop3._maildrop
+
+    def counting(infos: object) -> object:
+        made.append(len(infos))  # type: ignore[arg-type]
+        return real(infos)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(net_pop3, "_maildrop", counting)
+    fill(server)
+
+    def session(retrieve: bool = False) -> tuple[tuple[int, int], list[bytes]]:
+        client = login(server)
+        stat = client.stat()
+        uidls = client.uidl()[1]
+        if retrieve:
+            for number in range(1, stat[0] + 1):
+                client.retr(number)
+        client.quit()
+        return stat, uidls
+
+    first = session(retrieve=True)  # QUIT marks all three seen (renames in cur/)
+    assert session() == first and session() == first
+    assert made == [3]
+    late = deliver(inbox(server), b"Subject: late\n\nlate body\n")  # right after a QUIT
+    stat, uidls = session()
+    assert stat == (4, first[0][1] + crlf_size_of(b"Subject: late\n\nlate body\n"))
+    assert uidls[:3] == first[1] and uidls[3].startswith(b"4 ") and made == [3, 4]
+    (gone,) = [p for p in files(inbox(server)) if p.name.startswith(late.name.partition(":")[0])]
+    gone.unlink()
+    assert session() == first and made == [3, 4, 3]

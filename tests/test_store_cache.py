@@ -324,3 +324,51 @@ def test_a_flag_change_or_expunge_carries_the_message_list_forward(
     again.sync()
     assert again.messages() == carried and made == []
     again.close()
+
+
+def test_a_list_view_is_made_once_and_kept_while_the_messages_stay(root: Path) -> None:
+    """list_view(): made once for a message list, kept through flag changes (QUIT's \\Seen) and
+    for the next session of this process; made again when a message comes or goes."""
+    made: list[int] = []
+
+    def keys(infos: object) -> tuple[str, ...]:
+        made.append(1)
+        return tuple(m.key for m in infos)  # type: ignore[attr-defined]
+
+    for i in range(4):
+        deliver(root, f"Subject: {i}\n\n".encode())
+    maildir_module.SNAPSHOTS.clear()
+    box = open_inbox(root)
+    box.sync()
+    first = box.list_view("keys", keys)
+    assert box.list_view("keys", keys) is first and len(made) == 1
+    box.store_flags([1, 2, 3, 4], add={"\\Seen"})
+    assert box.list_view("keys", keys) is first and len(made) == 1
+    box.close()
+    again = open_inbox(root)
+    again.sync()  # right after the renames: compared by names, the kept state holds
+    assert again.list_view("keys", keys) is first and len(made) == 1
+    again.close()
+    late = deliver(root, b"Subject: late\n\n")
+    third = open_inbox(root)
+    third.sync()
+    assert third.list_view("keys", keys) == (*first, late.name) and len(made) == 2
+    third.expunge([1])
+    assert third.list_view("keys", keys) == (*first[1:], late.name) and len(made) == 3
+    third.close()
+
+
+def test_a_list_view_is_not_shared_with_a_changed_mailbox(root: Path) -> None:
+    """Another program removes a file between two sessions: the next session's view is new."""
+    for i in range(3):
+        deliver(root, f"Subject: {i}\n\n".encode())
+    box = open_inbox(root)
+    box.sync()
+    before = box.list_view("keys", lambda infos: tuple(m.key for m in infos))
+    box.close()
+    (gone,) = [n for n in os.listdir(root / "cur") if n.startswith(before[0])]
+    os.unlink(root / "cur" / gone)
+    again = open_inbox(root)
+    again.sync()
+    assert again.list_view("keys", lambda infos: tuple(m.key for m in infos)) == before[1:]
+    again.close()

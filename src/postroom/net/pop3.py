@@ -64,7 +64,7 @@ from postroom.pop3 import (
     CheckPassword,
     Commit,
     LoginFailed,
-    MaildropMessage,
+    Maildrop,
     OpenMaildrop,
     Pop3Connection,
     Pop3Settings,
@@ -269,6 +269,12 @@ def _no_delay(transport: asyncio.BaseTransport) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _maildrop(infos: Sequence[MessageInfo]) -> Maildrop:
+    """What the POP3 core lists: sizes and UIDLs, which never change for a message, so the
+    mailbox keeps it for later logins while the messages stay the same (``list_view``)."""
+    return Maildrop([info.crlf_size for info in infos], _uidls(infos))
 
 
 def _uidls(infos: Sequence[MessageInfo]) -> list[str]:
@@ -558,7 +564,7 @@ class Pop3Session(asyncio.Protocol):
         # for the throttle's account count and the log lines.
         user = account_name(self.server.backend.sasl_settings.credentials, request.user)
         try:
-            mailbox, lock, infos = await asyncio.to_thread(self._open, request.user)
+            mailbox, lock, infos, maildrop = await asyncio.to_thread(self._open, request.user)
         except MailboxInUse:
             log.logger.info("pop3 login from %s: user=<%s>: mailbox in use", self.describe(),
                             user)
@@ -589,14 +595,12 @@ class Pop3Session(asyncio.Protocol):
             throttle.success(self.address, user, reservation)
         else:
             throttle.success(self.address, request.user)
-        entries = [MaildropMessage(info.crlf_size, uidl)
-                   for info, uidl in zip(infos, _uidls(infos), strict=True)]
         log.logger.info("pop3 login: user=<%s>, method=%s, client=%s, messages=%d, size=%d%s",
-                        user, request.mechanism, self.describe(), len(entries),
-                        sum(e.size for e in entries), f", tls={self.tls}" if self.tls else "")
-        self.conn.maildrop_opened(entries)
+                        user, request.mechanism, self.describe(), len(maildrop),
+                        maildrop.octets, f", tls={self.tls}" if self.tls else "")
+        self.conn.maildrop_opened(maildrop)
 
-    def _open(self, user: str) -> tuple[Mailbox, SessionLock, list[MessageInfo]]:
+    def _open(self, user: str) -> tuple[Mailbox, SessionLock, list[MessageInfo], Maildrop]:
         settings = self.server.settings
         backend = self.server.backend
         mailbox = backend.open_mailbox(user)
@@ -613,7 +617,8 @@ class Pop3Session(asyncio.Protocol):
                     self._expire(user, mailbox, records, days, now)
                 if delay and records is not None:
                     records.record_login(now)
-                return mailbox, lock, list(mailbox.messages())
+                infos = list(mailbox.messages())
+                return mailbox, lock, infos, mailbox.list_view("pop3", _maildrop)
             except BaseException:
                 lock.release()
                 raise

@@ -11,7 +11,8 @@
     │   │                     refuse(response) another; the transport counts it (throttling)
     │   │                     and may wait before answering, when it is ``counted``
     │   ├── OpenMaildrop      authenticated: lock and list the maildrop, then
-    │   │                     maildrop_opened(messages), or refuse(response): [IN-USE] ...
+    │   │                     maildrop_opened(Maildrop or a list of MaildropMessage), or
+    │   │                     refuse(response): [IN-USE] ...
     │   ├── Retrieve          RETR or TOP: message_data(chunk)... then message_end(), or
     │   │                     refuse(response) before the first chunk (not asked for a RETR
     │   │                     of the message the transport read ahead: prepare())
@@ -27,10 +28,17 @@ responses to pipelined commands (RFC 2449 6.6) in order.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
+from postroom.pop3.content import valid_uidl
 from postroom.pop3.responses import Response
 from postroom.sasl.outcomes import FailureKind, PasswordCheck
+
+#: Space-separated UIDLs, each as RFC 1939 7 allows (see :func:`.content.valid_uidl`).
+_UIDLS: Final = re.compile(r"[\x21-\x7e]{1,70}(?: [\x21-\x7e]{1,70})*")
 
 
 class Event:
@@ -51,6 +59,60 @@ class MaildropMessage:
 
     size: int  # octets with CRLF line ends: what RETR will send (RFC 1939 11)
     uidl: str  # RFC 1939 7: 1-70 characters 0x21-0x7E, unique and stable (see content.uidl_for)
+
+
+class Maildrop:
+    """The whole maildrop as the transport lists it at login: each message's size and UIDL, in
+    message-number order, and the total. Checked once when made, and immutable, so a transport
+    may keep one and give it to every session of a mailbox that has not changed (listing and
+    checking 10,000 entries at each login costs more than the rest of a warm login).
+
+    Raises ValueError for a negative size, a UIDL RFC 1939 7 does not allow, or two equal UIDLs.
+    """
+
+    __slots__ = ("_octets", "_sizes", "_uidls")
+
+    def __init__(self, sizes: Iterable[int], uidls: Iterable[str]) -> None:
+        self._sizes = tuple(sizes)
+        self._uidls = tuple(uidls)
+        if len(self._sizes) != len(self._uidls):
+            raise ValueError("as many sizes as UIDLs are needed")
+        if self._sizes and min(self._sizes) < 0:
+            raise ValueError("a negative message size")
+        # One match over all of them: joined by spaces (which no UIDL may hold: 0x21-0x7E), the
+        # UIDLs must be runs of 1-70 such characters, as many runs as UIDLs.
+        joined = " ".join(self._uidls)
+        if self._uidls and (_UIDLS.fullmatch(joined) is None
+                            or joined.count(" ") != len(self._uidls) - 1):
+            bad = next(u for u in self._uidls if not valid_uidl(u))
+            raise ValueError(f"UIDL {bad!r}: not 1-70 characters 0x21-0x7E (RFC 1939 7)")
+        if len(set(self._uidls)) != len(self._uidls):
+            raise ValueError("two messages with the same UIDL")
+        self._octets = sum(self._sizes)
+
+    @classmethod
+    def of(cls, messages: Iterable[MaildropMessage]) -> Maildrop:
+        entries = list(messages)
+        return cls([m.size for m in entries], [m.uidl for m in entries])
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self._sizes
+
+    @property
+    def uidls(self) -> tuple[str, ...]:
+        return self._uidls
+
+    @property
+    def octets(self) -> int:
+        """The sum of the sizes: STAT's answer while nothing is deleted."""
+        return self._octets
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __repr__(self) -> str:
+        return f"<Maildrop of {len(self._sizes)} messages, {self._octets} octets>"
 
 
 @dataclass(frozen=True, slots=True)

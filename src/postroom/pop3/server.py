@@ -48,12 +48,13 @@ from typing import Final, Literal
 
 from postroom.errors import PostroomError, StorageError
 from postroom.pop3 import responses as r
-from postroom.pop3.content import ContentEncoder, valid_uidl
+from postroom.pop3.content import ContentEncoder
 from postroom.pop3.events import (
     CheckPassword,
     Commit,
     Event,
     LoginFailed,
+    Maildrop,
     MaildropMessage,
     OpenMaildrop,
     ProtocolViolation,
@@ -161,6 +162,7 @@ class Pop3Connection:
         "_last_retr",
         "_long_line",
         "_mechanism",
+        "_octets",
         "_out",
         "_out_size",
         "_pending",
@@ -204,8 +206,9 @@ class Pop3Connection:
         self._exchange: Exchange | None = None
         self._checker: Callable[[bool], Outcome] | None = None
         self._mechanism = ""
-        self._sizes: list[int] = []
-        self._uidls: list[str] = []
+        self._sizes: tuple[int, ...] = ()
+        self._uidls: tuple[str, ...] = ()
+        self._octets = 0  # the sum of _sizes
         self._deleted = bytearray()
         self._retrieved = bytearray()
         self._retrieved_octets = 0
@@ -366,7 +369,7 @@ class Pop3Connection:
         elif isinstance(request, LoginFailed):
             self._login_failed(_failure_response(request.kind))
         elif isinstance(request, Commit):
-            left = sum(1 for d in self._deleted if not d)
+            left = len(self._deleted) - self._deleted.count(1)
             self._reply(r.ok(f"Logging out, {left} message{'s' if left != 1 else ''} left."))
             self._close()
 
@@ -408,23 +411,27 @@ class Pop3Connection:
         assert checker is not None
         self._outcome(checker(ok))
 
-    def maildrop_opened(self, messages: Sequence[MaildropMessage]) -> None:
-        """The maildrop is locked and listed (RFC 1939 4): the session enters TRANSACTION."""
+    def maildrop_opened(self, messages: Maildrop | Sequence[MaildropMessage]) -> None:
+        """The maildrop is locked and listed (RFC 1939 4): the session enters TRANSACTION.
+        A :class:`Maildrop` was checked when it was made; a list of entries is checked here."""
         request = self._take(OpenMaildrop)
         if request is None:
             return
         assert isinstance(request, OpenMaildrop)
-        seen: set[str] = set()
-        for message in messages:
-            if message.size < 0 or not valid_uidl(message.uidl) or message.uidl in seen:
-                raise LocalProtocolError(f"bad maildrop entry {message!r}")
-            seen.add(message.uidl)
+        if isinstance(messages, Maildrop):
+            maildrop = messages
+        else:
+            try:
+                maildrop = Maildrop.of(messages)
+            except ValueError as exc:
+                raise LocalProtocolError(f"bad maildrop: {exc}") from None
         self._pending = None
         self._end_auth()
-        self._sizes = [m.size for m in messages]
-        self._uidls = [m.uidl for m in messages]
-        self._deleted = bytearray(len(messages))
-        self._retrieved = bytearray(len(messages))
+        self._sizes = maildrop.sizes
+        self._uidls = maildrop.uidls
+        self._octets = maildrop.octets
+        self._deleted = bytearray(len(maildrop))
+        self._retrieved = bytearray(len(maildrop))
         self._user = request.user
         self._state = next_state(self._state, Input.LOGIN)
         self._reply(r.ok("Logged in."))
@@ -787,6 +794,8 @@ class Pop3Connection:
 
     # -- transaction --------------------------------------------------------------------------
     def _live(self) -> tuple[int, int]:
+        if not self._deleted.count(1):
+            return len(self._sizes), self._octets
         count = octets = 0
         for size, gone in zip(self._sizes, self._deleted, strict=True):
             if not gone:

@@ -34,9 +34,9 @@ Errors::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple, Protocol
+from typing import BinaryIO, NamedTuple, Protocol, TypeVar
 
 from postroom.errors import PostroomError
 
@@ -98,6 +98,9 @@ class Usage:
     octets: int  # stored size
 
 
+_View = TypeVar("_View")
+
+
 class SessionLock(Protocol):
     """An exclusive hold on a mailbox for one session; :meth:`release` ends it."""
 
@@ -127,6 +130,15 @@ class Mailbox(Protocol):
 
     def messages(self) -> Sequence[MessageInfo]:
         """Every message as of the last sync, in UID order."""
+        ...
+
+    def list_view(self, name: str, make: Callable[[Sequence[MessageInfo]], _View]) -> _View:
+        """``make(messages())``, made once and kept while the mailbox holds the same messages
+        (flag changes through this object keep it; anything else may drop it). So *make* may use
+        only what never changes for a message (uid, key, sizes, internal date), not flags or
+        modseqs, and must return something immutable: the backend may hand it to later sessions
+        of the same mailbox (POP3 keeps its sizes and UIDLs so, instead of making them at every
+        login)."""
         ...
 
     def open_message(self, uid: int) -> BinaryIO:

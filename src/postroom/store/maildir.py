@@ -58,9 +58,9 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import BinaryIO, Final, TypeAlias
+from typing import BinaryIO, Final, TypeAlias, TypeVar, cast
 
 from postroom.delivery.maildir import ensure_maildir, unique_base
 from postroom.errors import StorageError
@@ -245,7 +245,7 @@ class _Snapshot:
     """A mailbox as a completed sync or change left it, for the next session of this process."""
 
     __slots__ = ("changes", "counters", "cur_names", "has_new", "infos", "keymap", "mtimes",
-                 "new_names", "rows", "uses_keymap")
+                 "new_names", "rows", "uses_keymap", "views")
 
     def __init__(self, changes: int, counters: tuple[int, int, int, int], rows: dict[int, _Row],
                  new_names: frozenset[str], cur_names: frozenset[str],
@@ -263,13 +263,18 @@ class _Snapshot:
         #: Whether any row has a keyword letter: then a changed dovecot-keywords matters too.
         self.uses_keymap = any(_may_have_keywords(row.letters) for row in rows.values())
         self.infos: tuple[MessageInfo, ...] | None = None  # messages(), made once when asked
+        self.views: dict[str, object] | None = None  # list_view()s of the same messages
+
+    def with_infos(self, infos: tuple[MessageInfo, ...] | None,
+                   views: dict[str, object] | None) -> _Snapshot:
+        self.infos, self.views = infos, views
+        return self
 
     def trusted(self, mtimes: tuple[int, int]) -> _Snapshot:
         """The same state, now also vouched for by these mtimes."""
         copy = _Snapshot(self.changes, self.counters, self.rows, self.new_names, self.cur_names,
                          mtimes, self.keymap)
-        copy.infos = self.infos
-        return copy
+        return copy.with_infos(self.infos, self.views)
 
 
 def _names_of(rows: Iterable[_Row]) -> tuple[frozenset[str], frozenset[str]]:
@@ -319,6 +324,8 @@ class _Snapshots:
 
 #: Every mailbox state this process keeps (see the module docstring).
 SNAPSHOTS: Final = _Snapshots(SNAPSHOT_ROWS)
+
+_View = TypeVar("_View")
 
 
 class FlockLock:
@@ -477,6 +484,9 @@ class MaildirMailbox:
         #: known, or when _rows holds what the index does not (a path open_message found).
         self._base: int | None = None
         self._infos: tuple[MessageInfo, ...] | None = None  # messages() of _rows, once made
+        #: list_view()s of _infos. Only ever added to (it may be shared with a snapshot, and
+        #: through it with later sessions); replaced as a whole when the messages change.
+        self._views: dict[str, object] | None = None
         #: The snapshot _rows came from (or went to) unchanged since: messages() fills it in.
         self._snapshot: _Snapshot | None = None
         self._keymap: KeywordMap | None = None  # the folder's keyword letters, as last read
@@ -517,13 +527,29 @@ class MaildirMailbox:
 
     # -- reading ------------------------------------------------------------------------------
     def messages(self) -> list[MessageInfo]:
+        return list(self._all_infos())
+
+    def _all_infos(self) -> tuple[MessageInfo, ...]:
         infos = self._infos
         if infos is None:
             info = self._info
             infos = self._infos = tuple(info(row) for row in self._rows.values())
+            self._views = None
             if self._snapshot is not None:
-                self._snapshot.infos = infos
-        return list(infos)
+                self._snapshot.with_infos(infos, None)
+        return infos
+
+    def list_view(self, name: str, make: Callable[[Sequence[MessageInfo]], _View]) -> _View:
+        infos = self._all_infos()
+        views = self._views
+        if views is None:
+            views = self._views = {}
+            if self._snapshot is not None:
+                self._snapshot.with_infos(infos, views)
+        view = views.get(name)
+        if view is None:
+            view = views[name] = make(infos)
+        return cast(_View, view)
 
     def _info(self, row: _Row) -> MessageInfo:
         letters = row.letters
@@ -557,6 +583,7 @@ class MaildirMailbox:
     def _changed_rows(self) -> None:
         """_rows is about to change: what was made from it no longer holds."""
         self._infos = None
+        self._views = None
         self._snapshot = None
 
     def _found_at(self, uid: int, row: _Row, path: str) -> _Row:
@@ -721,7 +748,7 @@ class MaildirMailbox:
         self._base = snapshot.changes
         if snapshot.keymap is not None:
             self._set_keymap(snapshot.keymap)
-        self._infos, self._snapshot = snapshot.infos, snapshot
+        self._infos, self._views, self._snapshot = snapshot.infos, snapshot.views, snapshot
         return self._result(before, self._rows)
 
     @staticmethod
@@ -1013,7 +1040,7 @@ class MaildirMailbox:
         wanted = sorted(set(uids))
         store = self._store
         changed: list[_Row] = []
-        infos, keymap = self._infos, self._keymap
+        infos, views, keymap = self._infos, self._views, self._keymap
         with store._lock, store._index.write() as db:
             self._counters(db)
             current = self._current(db)
@@ -1065,15 +1092,16 @@ class MaildirMailbox:
         self._changed_by_us(current)
         made = {row.uid: self._info(row) for row in changed}
         if infos is not None and self._keymap is keymap and len(infos) == len(self._rows):
-            self._carry(tuple(made.get(info.uid, info) for info in infos))
+            # Flags changed, the messages did not: their list_view()s still hold.
+            self._carry(tuple(made.get(info.uid, info) for info in infos), views)
         return list(made.values())
 
-    def _carry(self, infos: tuple[MessageInfo, ...]) -> None:
+    def _carry(self, infos: tuple[MessageInfo, ...], views: dict[str, object] | None) -> None:
         """messages() of the changed _rows, made from what it was (QUIT's flag change of
         thousands of messages need not make the next session build every one again)."""
-        self._infos = infos
+        self._infos, self._views = infos, views
         if self._snapshot is not None:
-            self._snapshot.infos = infos
+            self._snapshot.with_infos(infos, views)
 
     def _keyword_plans(self, rows: list[_Row], add_sys: str, remove_sys: str,
                        add_kw: dict[str, str], remove_kw: set[str]) -> list[tuple[_Row, str, str, str]]:
@@ -1177,7 +1205,7 @@ class MaildirMailbox:
                 gone = set(removed)
                 kept = tuple(info for info in infos if info.uid not in gone)
                 if len(kept) == len(self._rows):
-                    self._carry(kept)
+                    self._carry(kept, None)
         return removed
 
     def append(
