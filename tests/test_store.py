@@ -306,12 +306,12 @@ def test_expunge_is_durable(root: Path, monkeypatch: pytest.MonkeyPatch) -> None
     for i in range(3):
         deliver(root, f"Subject: {i}\n\n".encode())
     synced: list[Path] = []
-    real = maildir_module._fsync_dir
+    real = maildir_module.fsync_dir
     def recording(path: Path) -> None:
         synced.append(path)
         real(path)
 
-    monkeypatch.setattr(maildir_module, "_fsync_dir", recording)
+    monkeypatch.setattr(maildir_module, "fsync_dir", recording)
     with open_store(root) as store:
         box = store.mailbox()
         box.sync()

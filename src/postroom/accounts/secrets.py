@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from postroom import log
 from postroom.errors import PostroomError, StorageError
+from postroom.fsync import fsync_dir
 
 #: The server key's size: 256 bits, HKDF-SHA256's own output size.
 KEY_OCTETS: Final = 32
@@ -177,13 +178,6 @@ def _read_key(path: Path) -> bytes | None:
     return data
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _make_dirs(directory: Path, owner: tuple[int, int] | None) -> None:
     """*directory* and missing parents, mode 0700, each new entry made durable in its parent."""
@@ -201,7 +195,7 @@ def _make_dirs(directory: Path, owner: tuple[int, int] | None) -> None:
             continue
         if owner is not None:
             os.chown(new, *owner)
-        _fsync_dir(new.parent)
+        fsync_dir(new.parent)
 
 
 def _create_key(path: Path, owner: tuple[int, int] | None) -> None:
@@ -230,4 +224,4 @@ def _create_key(path: Path, owner: tuple[int, int] | None) -> None:
         try:
             os.unlink(temporary)
         finally:
-            _fsync_dir(directory)
+            fsync_dir(directory)

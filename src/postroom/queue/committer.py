@@ -56,6 +56,7 @@ from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 from postroom.errors import StorageError
+from postroom.fsync import fsync_dir
 
 T = TypeVar("T")
 
@@ -114,11 +115,7 @@ class Disk:
 
     def fsync_dir(self, path: str) -> None:
         """Make the entries of directory *path* (creates, renames, unlinks) durable."""
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path)
 
 
 #: The default, stateless :class:`Disk`.

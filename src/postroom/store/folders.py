@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Final
 
 from postroom.errors import StorageError
+from postroom.fsync import fsync_dir
 from postroom.store.base import FolderError
 
 INBOX: Final = "INBOX"
@@ -131,13 +132,6 @@ def default_role(name: str) -> str | None:
     return DEFAULT_FOLDERS.get(name)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def make_folder(root: Path, name: str, owner: tuple[int, int] | None = None) -> bool:
     """Create folder *name* (its directory, ``tmp new cur`` and ``maildirfolder``) below the
@@ -158,8 +152,8 @@ def make_folder(root: Path, name: str, owner: tuple[int, int] | None = None) -> 
         if owner is not None:
             for item in (path, path / "tmp", path / "new", path / "cur", mark):
                 os.chown(item, *owner)
-        _fsync_dir(path)
-        _fsync_dir(root)
+        fsync_dir(path)
+        fsync_dir(root)
     except OSError as exc:
         raise StorageError(f"creating folder {path}: {exc.strerror or exc}") from exc
     return True

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Final
 
 from postroom.errors import StorageError
+from postroom.fsync import fsync_dir
 
 INDEX_FILE: Final = "postroom-index.sqlite"
 UIDVALIDITY_FILE: Final = "postroom-uidvalidity"
@@ -105,13 +106,6 @@ def is_corruption(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def next_uidvalidity(
     root: Path, owner: tuple[int, int] | None = None, clock: Callable[[], float] = time.time
@@ -140,7 +134,7 @@ def next_uidvalidity(
         if owner is not None:
             os.chown(tmp, *owner)
         os.replace(tmp, counter)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

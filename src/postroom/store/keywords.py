@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from postroom.errors import StorageError
+from postroom.fsync import fsync_dir
 
 KEYWORDS_FILE: Final = "dovecot-keywords"
 LOCK_SUFFIX: Final = ".lock"
@@ -152,13 +153,6 @@ def load(directory: str, known: KeywordMap | None = None) -> KeywordMap:
     return KeywordMap(parse(data), (st.st_ino, st.st_mtime_ns, st.st_size))
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _take_lock(lock: str) -> int | None:
     """The lock file, created exclusively; None when someone else holds it past our wait."""
@@ -210,7 +204,7 @@ def write(directory: str, table: KeywordMap, owner: tuple[int, int] | None = Non
         finally:
             os.close(fd)
         os.rename(lock, path)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(lock)

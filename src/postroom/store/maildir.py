@@ -64,6 +64,7 @@ from typing import BinaryIO, Final, TypeAlias, TypeVar, cast
 
 from postroom.delivery.maildir import ensure_maildir, unique_base
 from postroom.errors import StorageError
+from postroom.fsync import fsync_dir
 from postroom.store import keywords, quota
 from postroom.store.base import (
     FolderError,
@@ -110,13 +111,6 @@ _RACY_NS: Final = 2_000_000_000
 _FETCH_ALL_MIN: Final = 256
 _LOCK_PURPOSE = re.compile(r"[a-z0-9]{1,16}")
 
-
-def _fsync_dir(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _storage(exc: OSError, doing: str) -> StorageError:
@@ -413,7 +407,7 @@ class MaildirStore:
             doomed = self.root / f"postroom-deleted-{time.time_ns()}"
             try:
                 os.rename(path, doomed)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             except OSError as exc:
                 raise _storage(exc, f"removing folder {path}") from exc
             with self._index.write() as db:
@@ -1076,7 +1070,7 @@ class MaildirMailbox:
                 changed.append(row)
             try:
                 for sub in sorted(renamed):
-                    _fsync_dir(f"{self._dir}/{sub}")
+                    fsync_dir(f"{self._dir}/{sub}")
             except OSError as exc:
                 raise _storage(exc, f"fsync of {self._path}") from exc
             if updates:  # an UPDATE that changes nothing still counts as a change of the index
@@ -1185,7 +1179,7 @@ class MaildirMailbox:
                 removed.append(row.uid)
             try:
                 for sub in sorted(dirs):
-                    _fsync_dir(self._path / sub)
+                    fsync_dir(self._path / sub)
             except OSError as exc:
                 raise _storage(exc, f"fsync of {self._path}") from exc
             if removed:
@@ -1248,7 +1242,7 @@ class MaildirMailbox:
             path = "cur/" + cur_name(key, letters)
             try:
                 os.rename(tmp, self._path / path)
-                _fsync_dir(self._path / "cur")
+                fsync_dir(self._path / "cur")
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from postroom.errors import StorageError
+from postroom.fsync import fsync_dir
 
 LOGIN_FILE: Final = "postroom-pop3-login"
 RETRIEVED_FILE: Final = "postroom-pop3-retrieved"
@@ -71,13 +72,6 @@ def _storage(exc: OSError, doing: str) -> StorageError:
     error.__cause__ = exc
     return error
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -175,7 +169,7 @@ class MaildirPop3Records:
             finally:
                 os.close(fd)
             if created:
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
         except OSError as exc:
             raise _storage(exc, f"writing {path}") from exc
 
@@ -197,7 +191,7 @@ class MaildirPop3Records:
             finally:
                 os.close(fd)
             os.rename(tmp, path)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
