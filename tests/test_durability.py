@@ -149,7 +149,10 @@ def test_sigkill_mid_burst_loses_nothing_answered_250(tmp_path: Path) -> None:
     assert not duplicates
 
 
-def test_server_as_root_drops_privileges(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", ["", "queue_process = true\nworkers = 2"])
+def test_server_as_root_drops_privileges(tmp_path: Path, processes: str) -> None:
+    """Also with a supervisor and several processes: their shared counts' lock is imported
+    before the drop (a lazy import of it failed as nobody when Python lives under /root)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to test the privilege drop")
     import pwd
@@ -178,7 +181,7 @@ allow_plaintext = true
 allow_plaintext_on_loopback = true
 """)
         handle.config_path.write_text(handle.config_path.read_text()
-                                      .replace('run_as = ""', 'run_as = "nobody"'))
+                                      .replace('run_as = ""', f'run_as = "nobody"\n{processes}'))
         handle.start()
         assert handle.proc is not None
         status = Path(f"/proc/{handle.proc.pid}/status").read_text()

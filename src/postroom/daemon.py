@@ -396,13 +396,15 @@ def preload() -> None:
     """Import now what Python and our libraries otherwise import on first use. After the drop
     of privileges the interpreter's own files may be unreadable (a Python installed under a
     private home directory), and a lazy import would then fail deep inside a session: the
-    thread pool of ``asyncio.to_thread`` (argon2 checks, quota counts), uvloop, the IDNA and
-    punycode codecs, dnspython's record classes (MX answers), the email package's policies."""
+    thread pool of ``asyncio.to_thread`` (argon2 checks, quota counts), the lock of the shared
+    counts (several processes), uvloop, the IDNA and punycode codecs, dnspython's record
+    classes (MX answers), the email package's policies."""
     import concurrent.futures.thread  # noqa: F401
     import email.headerregistry
     import email.policy  # noqa: F401
     import encodings.idna
     import encodings.punycode  # noqa: F401
+    import multiprocessing.synchronize  # noqa: F401
 
     import dns.rdata
 
