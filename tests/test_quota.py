@@ -327,3 +327,31 @@ def test_maildir_readers_ignore_maildirsize(tmp_path: Path) -> None:
     assert result.stdout.strip() == "2 ['Sent'] ['hi', 'hi']"
     reading = quota.read(root)
     assert reading is not None and reading.messages == 3  # left as it was
+
+
+def test_store_append_and_folder_removal_keep_the_figure(tmp_path: Path) -> None:
+    """A message stored by the store itself (IMAP APPEND, a Sent copy) is counted, and a removed
+    folder takes its messages off: the figure agrees with a count after each."""
+    from postroom.store.maildir import open_store
+
+    root = maildir(tmp_path)
+    deliver(root)
+    quota.recalc(root, Definition(10**6))
+    store = open_store(root)
+    try:
+        store.create_folder("Archive")
+        box = store.mailbox("Archive")
+        try:
+            box.append(MESSAGE + b"kept in the archive\r\n")
+            box.append(MESSAGE)
+        finally:
+            box.close()
+        reading = quota.read(root)
+        assert reading is not None and reading.messages == 3
+        assert (reading.octets, reading.messages) == quota.scan(root)
+        store.delete_folder("Archive")
+    finally:
+        store.close()
+    reading = quota.read(root)
+    assert reading is not None and (reading.octets, reading.messages) == quota.scan(root)
+    assert reading.messages == 1

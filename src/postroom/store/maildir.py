@@ -412,7 +412,9 @@ class MaildirStore:
                 raise _storage(exc, f"removing folder {path}") from exc
             with self._index.write() as db:
                 db.execute("DELETE FROM mailboxes WHERE name = ?", (name,))
+            octets, messages = quota.folder_usage(doomed)
             shutil.rmtree(doomed, ignore_errors=True)
+            quota.add(self.root, -octets, -messages)  # the Maildir++ maildirsize
 
     def mailbox(self, name: str = INBOX) -> MaildirMailbox:
         if name.upper() == INBOX:
@@ -1260,6 +1262,7 @@ class MaildirMailbox:
         self._rows[uid] = row
         self._changed_rows()
         self._changed_by_us(current)
+        quota.add(store.root, row.size, 1)  # the Maildir++ maildirsize
         return self._info(row)
 
     # -- sessions -----------------------------------------------------------------------------

@@ -286,6 +286,12 @@ def scan(root: Path) -> tuple[int, int]:
     return totals
 
 
+def folder_usage(folder: Path) -> tuple[int, int]:
+    """(octets, messages) in ``new/`` and ``cur/`` of one folder (counted as :func:`scan`
+    counts), for taking a removed folder out of the figure."""
+    return _count([folder / "new", folder / "cur"])
+
+
 def _stamps(dirs: list[Path]) -> list[int | None]:
     stamps: list[int | None] = []
     for path in dirs:
