@@ -120,13 +120,14 @@ def test_smtp_sink_with_8bitmime_gets_the_message_as_it_is(
 
 # -- receivers on the server core -----------------------------------------------------------------
 def to_receiver(dns_server: DnsTestServer, message: bytes, *, chunking: bool = True,
-                **env_kw: object) -> tuple[AttemptResult, Receiver]:
+                mime_conversion: bool = True, **env_kw: object) -> tuple[AttemptResult, Receiver]:
     port = free_port()
 
     async def go() -> tuple[AttemptResult, Receiver]:
         receiver = await Receiver("127.0.0.1", port, no_8bitmime=True).start()
         try:
-            return await once(deliverer(dns_server, port, chunking=chunking), "example.test",
+            return await once(deliverer(dns_server, port, chunking=chunking,
+                                        mime_conversion=mime_conversion), "example.test",
                               envelope("bob@example.test", **env_kw),
                               BytesSource(message)), receiver
         finally:
@@ -145,6 +146,16 @@ def test_the_converted_octets_arrive_exactly(dns_server: DnsTestServer, chunking
     assert got.mail is not None and got.mail.body is None  # no BODY= without 8BITMIME
     assert got.mail.size == len(got.content) != len(EIGHT_BIT)  # SIZE= of what was sent
     assert leaves(got.content) == leaves(EIGHT_BIT)
+
+
+def test_with_conversion_off_the_message_goes_as_it_is(dns_server: DnsTestServer) -> None:
+    """outbound.mime_conversion = false (Postfix's disable_mime_output_conversion): the 8-bit
+    message is sent unchanged, with no BODY= the server did not offer."""
+    result, receiver = to_receiver(dns_server, EIGHT_BIT, body="8BITMIME", mime_conversion=False)
+    assert result.recipients[0].verdict is Verdict.DELIVERED
+    (got,) = receiver.messages
+    assert got.content == EIGHT_BIT
+    assert got.mail is not None and got.mail.body is None
 
 
 def test_unlabelled_8bit_is_converted_too(dns_server: DnsTestServer) -> None:

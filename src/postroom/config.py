@@ -206,6 +206,10 @@ class OutboundSection(_Section):
     #: The port MX hosts listen on (25; tests change it).
     smtp_port: Annotated[int, Field(ge=1, le=65535)] = 25
     connect_timeout: Annotated[float, Field(gt=0)] = 30.0
+    #: Convert 8-bit mail to quoted-printable for a server without 8BITMIME (RFC 6152 3; one
+    #: that cannot be converted bounces 5.6.3). false sends it as it is, as Postfix's
+    #: disable_mime_output_conversion does (kept for DKIM signatures; RFC 6152 says convert).
+    mime_conversion: bool = True
     #: Deliveries at once to one destination (Postfix default_destination_concurrency_limit).
     max_per_destination: Annotated[int, Field(ge=1)] = 20
     #: Recipients per SMTP transaction (Postfix default_destination_recipient_limit is 50).

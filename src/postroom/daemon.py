@@ -115,7 +115,8 @@ def outbound_deliverer(config: Config) -> RemoteDeliverer:
     resolver = Resolver(out.nameservers, port=out.dns_port, timeout=out.dns_timeout)
     router = OutboundRouter(resolver, route_settings(config))
     settings = RemoteSettings(helo_name=config.hostname, tls_policy=TlsPolicy(out.tls_policy),
-                              connect_timeout=out.connect_timeout)
+                              connect_timeout=out.connect_timeout,
+                              mime_conversion=out.mime_conversion)
     return RemoteDeliverer(settings, router)
 
 

@@ -258,6 +258,7 @@ class RemoteSettings:
     cache_idle: float = 5.0  # seconds an idle connection is kept; 0 turns reuse off
     cache_max_age: float = 300.0  # no reuse of a connection older than this
     cache_max: int = 64  # idle connections kept at most, all destinations together
+    mime_conversion: bool = True  # 8-bit to quoted-printable for a server without 8BITMIME
 
     def client(self) -> ClientSettings:
         return ClientSettings(self.helo_name, self.timeouts, self.pipelining, self.chunking)
@@ -720,7 +721,8 @@ class RemoteDeliverer:
         outbound = dataclasses.replace(envelope, recipients=recipients)
         refusal = None
         ext = session.conn.extensions
-        if (not ext.eightbitmime and outbound.body != "BINARYMIME"  # the core refuses that
+        if (self.settings.mime_conversion and not ext.eightbitmime
+                and outbound.body != "BINARYMIME"  # the core refuses that
                 and not (outbound.needs_smtputf8 and not ext.smtputf8)):  # 5.6.7 comes first
             prepared = await self._downgrade(session, attempt, message,
                                              outbound.smtputf8 and ext.smtputf8)
