@@ -4,14 +4,15 @@
 # and the same completion criterion (the sinks counted every message and postroom's spool,
 # queue/incoming and queue/active, is empty). See bench/README.md.
 #
-# Rows (one postroom process each, uvloop, run as root like peers-extra.sh, mail log on stderr
+# Rows (one postroom server each, uvloop, run as root like peers-extra.sh, mail log on stderr
 # -> $OB/<name>.out):
-#   postroom        inject and relay at the same time (Postfix's "defaults" row)
+#   postroom        inject and relay at the same time (Postfix's "defaults" row), in ONE process
+#                   (server.queue_process = false)
 #   postroom-w2     (only when listed in PR_ROWS) the same as postroom with server.workers = 2:
 #                   both workers take connections, worker 0 alone runs the queue runner
-#   postroom-q      the same as postroom with server.queue_process = true: one worker takes
-#                   the connections, the queue manager (relay) runs in a process of its own
-#                   and gets each queued message's id from the worker (two cores)
+#   postroom-q      postroom's default since 2026-11-30 (server.queue_process = true): one
+#                   worker takes the connections, the queue manager (relay) runs in a process of
+#                   its own and gets each queued message's id from the worker (two cores)
 #   postroom-w2q    (only when listed in PR_ROWS) workers = 2 and queue_process = true
 #   postroom-drain  the intake phase with the queue runner paused (every message ends up in
 #                   queue/active), then the runner is started and only the relay of the

@@ -64,6 +64,29 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0,
     raise RuntimeError(f"port {port} did not greet")
 
 
+def wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    """Until no process of group *pgid* is still running (exited ones may linger as zombies
+    until their new parent reaps them: they hold nothing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = False
+        with os.scandir("/proc") as entries:
+            for entry in entries:
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                except (FileNotFoundError, ProcessLookupError, IndexError):
+                    continue
+                if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ..., pgrp
+                    alive = True
+                    break
+        if not alive:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"processes of group {pgid} still run")
+
+
 @dataclass
 class ServerHandle:
     root: Path
@@ -120,6 +143,7 @@ address = "{self.host}:{self.port}"
             [*POSTROOM, "-c", str(self.config_path), "serve"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, **self.env},
+            start_new_session=True,  # its own process group: kill() reaches every process
         )
         wait_port(self.port, self.proc, host=self.host)
 
@@ -133,9 +157,15 @@ address = "{self.host}:{self.port}"
             self.proc = None
 
     def kill(self) -> None:
+        """SIGKILL to every process of the server at once (supervisor, workers, queue
+        manager), as a crash or a power cut would stop them."""
         assert self.proc is not None
-        self.proc.kill()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait(10)
+        wait_group_gone(self.proc.pid)  # its locks and files are let go only then
         self.proc = None
 
     def maildir(self, address: str) -> Path:

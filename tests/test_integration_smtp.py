@@ -514,8 +514,8 @@ def test_json_log_lines(tmp_path: Path) -> None:
 
 def test_two_worker_processes_share_the_work_and_the_limits(tmp_path: Path) -> None:
     handle = make_server(tmp_path, "[smtp]\nmax_connections_per_ip = 3\n")
-    handle.config_path.write_text(handle.config_path.read_text()
-                                  .replace('run_as = ""', 'run_as = ""\nworkers = 2'))
+    handle.config_path.write_text(handle.config_path.read_text().replace(
+        'run_as = ""', 'run_as = ""\nworkers = 2\nqueue_process = false'))  # runner in worker 0
     handle.start()
     try:
         assert handle.proc is not None
@@ -641,10 +641,12 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
     handle.start()
     assert handle.proc is not None
     children = Path(f"/proc/{handle.proc.pid}/task/{handle.proc.pid}/children")
-    handle.wait_for(lambda: handle.log().count("postroom ready") == 2)
+    handle.wait_for(lambda: handle.log().count("postroom ready") == 3)  # and the queue manager
     workers = [int(pid) for pid in children.read_text().split()]
-    assert len(workers) == 2
-    handle.kill()
+    assert len(workers) == 3
+    handle.proc.kill()  # the supervisor alone (ServerHandle.kill would kill them all)
+    handle.proc.wait(10)
+    handle.proc = None
 
     def gone(pid: int) -> bool:
         try:

@@ -312,7 +312,7 @@ def check_queue_after_kill(sender: ServerHandle, recorder: Recorder,
                            msgids: dict[str, str]) -> list[Key]:
     """Read the queue as a restart will (the attempt journal applied first); return the
     recipients whose attempt was under way."""
-    journal.recover(sender.data_dir / "queue")
+    journal.recover(sender.data_dir / "queue", wait=10)  # the killed processes let go of it
     under_way: list[Key] = []
     local = maildir_ids(sender, LOCAL_QUEUED)
     queued: set[str] = set()

@@ -94,20 +94,19 @@ class Journal:
 
     # ---- owning the journal -------------------------------------------------------------------
 
-    def open(self) -> int:
+    def open(self) -> int | None:
         """Take the journal (flock), recover what a crash left, and get ready to append.
-        Returns the number of queue files recovery rewrote. Blocking: run it off the loop.
-
-        Without the lock (another process owns this queue) nothing is recovered; appends still
-        work, to segments of this process's own."""
+        Returns the number of queue files recovery rewrote, or None while another process
+        holds the lock: one queue manager per queue (a second would deliver twice), and a
+        killed one lets go of it only when its last descriptor closes. Try again then.
+        Blocking: run it off the loop."""
         _ensure_dir(self.directory, self._disk)
         fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            logger.warning("%s is locked by another process: not recovering it", self.directory)
-            return 0
+            return None
         self._lock_fd = fd
         return _replay(self._queue_root, self._disk)
 
@@ -206,10 +205,10 @@ class Journal:
             logger.warning("cannot remove journal segment %s: %s", segment, exc)
 
 
-def recover(queue_root: Path, disk: Disk = DEFAULT_DISK) -> int:
+def recover(queue_root: Path, disk: Disk = DEFAULT_DISK, *, wait: float = 0.0) -> int:
     """For a process that does not run the queue (``postroom queue`` with the server stopped):
     apply what a crash left in the journal, if no running server owns it. Returns the number of
-    queue files rewritten."""
+    queue files rewritten. *wait*: seconds to wait for the lock (a server just killed)."""
     directory = journal_dir(queue_root)
     if not _segments(directory):
         return 0
@@ -218,10 +217,15 @@ def recover(queue_root: Path, disk: Disk = DEFAULT_DISK) -> int:
     except OSError as exc:
         raise storage_error(exc, f"opening {directory / LOCK}") from exc
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return 0  # a server runs and owns it
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return 0  # a server runs and owns it
+                time.sleep(0.02)
         return _replay(queue_root, disk)
     finally:
         os.close(fd)

@@ -223,10 +223,23 @@ class QueueRunner:
             await asyncio.to_thread(self._spool.clean_incoming)
         except OSError as exc:
             logger.warning("cannot clean %s: %s", self._spool.incoming, exc)
-        try:  # attempts a crash interrupted: count them before anything is retried
-            await asyncio.to_thread(self._spool.journal.open)
-        except (OSError, StorageError) as exc:
-            logger.error("cannot recover the attempt journal: %s", exc)
+        # Attempts a crash interrupted are counted before anything is retried; and only one
+        # queue manager works on a queue: while another holds the journal, wait for it.
+        waited = False
+        while not self._stopping:
+            try:
+                if await asyncio.to_thread(self._spool.journal.open) is not None:
+                    break
+            except (OSError, StorageError) as exc:
+                logger.error("cannot recover the attempt journal: %s", exc)
+                break
+            if not waited:
+                logger.warning("another process runs this queue (%s is locked): waiting",
+                               self._spool.journal.directory)
+                waited = True
+            await asyncio.sleep(0.2)
+        if waited and not self._stopping:
+            logger.info("the queue is ours now")
         while not self._stopping:
             self._wake.clear()
             earliest: float | None = None
