@@ -229,3 +229,28 @@ def test_offline_queue_tools_see_the_recorded_attempt(tmp_path: Path, committer:
     [entry] = admin.list_queue(spool.root.parent)
     [rcpt] = entry.to_dict()["recipients"]
     assert rcpt["attempts"] == 1 and rcpt["last_error"] == ATTEMPT_UNDER_WAY
+
+
+def test_a_second_queue_manager_waits_for_the_first(tmp_path: Path, committer: Committer) -> None:
+    """Only one process may run a queue (two would deliver twice): a runner whose journal is
+    held by another owner does nothing until that owner lets go, then recovers and works."""
+    clock = Clock(NOW + 10)
+    spool, runner = make(tmp_path, committer, clock)
+    alice = mailbox_for(tmp_path, "alice")
+    path = queue_message(spool, committer, Recipient("alice@example.com", alice))
+    owner = Journal(spool.root)
+    assert owner.open() == 0
+
+    async def main() -> None:
+        runner.start()
+        await asyncio.sleep(0.5)
+        assert path.exists() and not alice.maildir.exists(), "worked on a queue it does not own"
+        owner.close()  # the other manager stops
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if not path.exists():
+                break
+        await runner.stop()
+
+    asyncio.run(main())
+    assert not path.exists() and len(new_files(alice)) == 1
