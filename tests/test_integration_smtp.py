@@ -641,9 +641,13 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
     handle.start()
     assert handle.proc is not None
     children = Path(f"/proc/{handle.proc.pid}/task/{handle.proc.pid}/children")
-    handle.wait_for(lambda: handle.log().count("postroom ready") == 3)  # and the queue manager
-    workers = [int(pid) for pid in children.read_text().split()]
-    assert len(workers) == 3
+    try:
+        handle.wait_for(lambda: handle.log().count("postroom ready") == 3)  # and queue manager
+        workers = [int(pid) for pid in children.read_text().split()]
+        assert len(workers) == 3
+    except BaseException:
+        handle.kill()  # every process of the group: nothing may outlive a failed test
+        raise
     handle.proc.kill()  # the supervisor alone (ServerHandle.kill would kill them all)
     handle.proc.wait(10)
     handle.proc = None
@@ -658,4 +662,7 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
     deadline = time.monotonic() + 15
     while not all(map(gone, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert all(map(gone, workers)), "workers outlived their supervisor"
+    left = [pid for pid in workers if not gone(pid)]
+    for pid in left:  # ours, still running: end them so the failure leaves nothing behind
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "workers outlived their supervisor"
