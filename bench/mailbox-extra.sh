@@ -39,6 +39,7 @@ pr_config() {
 hostname = "mail.bench.test"
 data_dir = "$PR_DIR/data"
 run_as = ""
+queue_process = false   # one process, as every figure in RESULTS.md was measured (no queue here)
 
 [[listener]]
 role = "pop3"
