@@ -322,6 +322,28 @@ def test_remote_goes_to_queue_file(tmp_path: Path, committer: Committer) -> None
     assert path == result.queue_file and loaded.recipients[0].address == "carol@example.net"
 
 
+def test_a_success_notice_owed_for_local_mail_is_recorded(
+    tmp_path: Path, committer: Committer
+) -> None:
+    """NOTIFY=SUCCESS for a copy written before the 250: the notice is a duty the queue keeps
+    (a queue file with the recipient delivered and the notice owed), so a crash after the 250
+    cannot lose it; without NOTIFY=SUCCESS no queue file is written."""
+    spool = make_spool(tmp_path, committer)
+    alice = local(tmp_path, "alice")
+    alice.notify = frozenset({"SUCCESS"})
+    result = accept(spool, envelope(alice), message_of(spool, CONTENT))
+    assert [o.delivered is not None for o in result.outcomes] == [True]
+    assert result.queue_file is not None
+    [(loaded, _)] = spool.load_queue()
+    [rcpt] = loaded.recipients
+    assert (rcpt.state, rcpt.success, rcpt.notified) == (RecipientState.DELIVERED, "delivered", [])
+    assert len(maildir_files(alice.destination.maildir)) == 1  # delivered once, not queued again
+    bob = local(tmp_path, "bob")
+    env = envelope(bob)
+    env.queue_id = "4Q8X2B0C1DFH"
+    assert accept(spool, env, message_of(spool, CONTENT)).queue_file is None
+
+
 def test_over_quota_is_queued(
     tmp_path: Path, committer: Committer, caplog: pytest.LogCaptureFixture
 ) -> None:

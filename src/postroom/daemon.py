@@ -272,7 +272,7 @@ class Daemon:
 
         runner = QueueRunner(spool, committer, config, deliverer=deliverer, notifier=notifier,
                              quota_of=quota_of)
-        receiver = Receiver(receive_settings(config), router, spool, notifier)
+        receiver = Receiver(receive_settings(config), router, spool)
         auth = None if self.logins is None else auth_service(config, accounts, self.logins)
         server = SmtpServer(config, receiver, self.counts, self.tls_context, auth)
         if not self.listens:  # the queue manager's process: the workers take the connections

@@ -21,7 +21,6 @@ from postroom.delivery.maildir import UsageUnknown, delivery_headers
 from postroom.errors import StorageError
 from postroom.ids import new_queue_id
 from postroom.message.address import Address, parse_path
-from postroom.message.dsn import Action, DsnKind, wants
 from postroom.message.headers import (
     TraceInfo,
     count_received,
@@ -33,8 +32,7 @@ from postroom.message.headers import (
 )
 from postroom.policy.router import Router
 from postroom.policy.routes import Destination, LocalDelivery, Rejected
-from postroom.queue.bounce import Notifier
-from postroom.queue.envelope import Envelope, Recipient, RecipientState
+from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.incoming import IncomingMessage
 from postroom.queue.spool import Spool
 from postroom.smtp import codes
@@ -94,14 +92,10 @@ def _reply(rejected: Rejected) -> Reply:
 class Receiver:
     """Policy and spool hand-off shared by every session of one server."""
 
-    def __init__(self, settings: ReceiveSettings, router: Router, spool: Spool,
-                 notifier: Notifier | None = None) -> None:
+    def __init__(self, settings: ReceiveSettings, router: Router, spool: Spool) -> None:
         self.settings = settings
         self.router = router
         self.spool = spool
-        #: Sends NOTIFY=SUCCESS notices for mail delivered at once (the queue sends the rest).
-        self.notifier = notifier
-        self._notices: set[asyncio.Task[None]] = set()
 
     # -- MAIL ---------------------------------------------------------------------------------
     def mail(self, client: Client, event: MailFrom) -> tuple[Reply, Transaction | None]:
@@ -248,7 +242,6 @@ class Receiver:
             auth_user=client.auth_user if self.settings.received_auth_user else None,
         )
         received = received_header(trace)
-        trace_header = received
         if client.auth_user is not None:  # a submission (RFC 6409 8): complete what is missing
             fixes = submission_fixes(headers, hostname=self.settings.hostname,
                                      queue_id=envelope.queue_id, timestamp=trace.timestamp)
@@ -264,7 +257,6 @@ class Receiver:
         log.event(envelope.queue_id, **{"from": envelope.sender}, size=event.size,
                   nrcpt=len(recipients))
         envelope.queued = time.time()
-        wanted = [r for r in recipients if wants(r.notify, DsnKind.SUCCESS)]
         try:
             await self.spool.accept(envelope, message, received)
         except StorageError as exc:
@@ -273,21 +265,9 @@ class Receiver:
             return codes.INSUFFICIENT_STORAGE if exc.disk_full else codes.LOCAL_ERROR
         finally:
             txn.message = None
-        delivered = [(r, Action.DELIVERED) for r in wanted if r.state is RecipientState.DELIVERED]
-        if delivered and self.notifier is not None:  # RFC 3461 NOTIFY=SUCCESS, after the 250
-            task = asyncio.get_running_loop().create_task(
-                self._success_notice(envelope, trace_header + headers + b"\r\n", delivered))
-            self._notices.add(task)
-            task.add_done_callback(self._notices.discard)
+        # A NOTIFY=SUCCESS notice for mail delivered here is the queue's to send: the spool
+        # recorded it in a queue file (a crash after the 250 cannot lose it).
         return codes.ok_queued(envelope.queue_id)
-
-    async def _success_notice(self, envelope: Envelope, headers: bytes,
-                              delivered: list[tuple[Recipient, Action]]) -> None:
-        assert self.notifier is not None
-        try:
-            await self.notifier.notify(envelope, headers, DsnKind.SUCCESS, delivered)
-        except Exception:
-            log.logger.exception("%s: success notice failed", envelope.queue_id)
 
     async def _check_quota_at_end(self, envelope: Envelope, size: int) -> Reply | None:
         """Refuse at end of data only when *every* recipient is a local mailbox too full for

@@ -44,6 +44,7 @@ from pathlib import Path
 from postroom import log
 from postroom.delivery.maildir import MaildirUsage, delivery_headers, size_from_name, write_message
 from postroom.errors import StorageError
+from postroom.message.dsn import DsnKind, wants
 from postroom.policy.routes import LocalDelivery
 from postroom.queue.committer import (
     DEFAULT_DISK,
@@ -361,9 +362,15 @@ class Spool:
             copied.add(id(recipient))
             state.outcomes.append(RecipientOutcome(recipient, delivered=copy, dsn="2.0.0"))
         waiting = [r for r in envelope.recipients if not r.state.done and id(r) not in copied]
-        if not waiting:
+        # Delivered here with NOTIFY=SUCCESS (RFC 3461): the notice is owed, and it is recorded
+        # in a queue file like any other duty, so a crash after the 250 cannot lose it; the
+        # queue runner sends it and removes the file.
+        owed = [dataclasses.replace(r, state=RecipientState.DELIVERED, success="delivered")
+                for r in envelope.recipients
+                if id(r) in copied and wants(r.notify, DsnKind.SUCCESS)]
+        if not waiting and not owed:
             return
-        queued = dataclasses.replace(envelope, recipients=waiting)
+        queued = dataclasses.replace(envelope, recipients=waiting + owed)
         state.queue_file = self._write_queue_file(queued, prepend, message, dirsync)
 
     def _fast_copy(
