@@ -43,6 +43,12 @@ def _attempted(path: Path, next_attempt: float) -> str:
     return envelope.to_json()
 
 
+def record(journal: Journal, committer: Committer, path: Path, next_attempt: float) -> str:
+    """Append the record of an attempt on queue file *path*, as the runner does; its segment."""
+    line = _attempted(path, next_attempt)
+    return committer.run_now(lambda ds: journal.append(line, ds))
+
+
 def test_a_record_round_trips_and_damage_is_seen(tmp_path: Path, committer: Committer) -> None:
     spool, _ = make(tmp_path, committer, Clock(NOW))
     path = queue_message(spool, committer, Recipient("a@example.com", mailbox_for(tmp_path, "a")))
@@ -57,8 +63,7 @@ def test_recovery_applies_only_newer_records(tmp_path: Path, committer: Committe
     spool, _ = make(tmp_path, committer, Clock(NOW))
     path = queue_message(spool, committer, Recipient("a@example.com", mailbox_for(tmp_path, "a")))
     journal = Journal(spool.root)
-    line = _attempted(path, NOW + 300)
-    committer.run_now(lambda ds: journal.append(line, ds))
+    record(journal, committer, path, NOW + 300)
     # a torn record after it (the crash came during the append): never fsynced, skipped
     segment = next(journal.directory.glob("*.log"))
     with open(segment, "ab") as fh:
@@ -85,8 +90,7 @@ def test_recovery_keeps_a_held_message_held(tmp_path: Path, committer: Committer
     spool, _ = make(tmp_path, committer, Clock(NOW))
     path = queue_message(spool, committer, Recipient("a@example.com", mailbox_for(tmp_path, "a")))
     journal = Journal(spool.root)
-    line = _attempted(path, NOW + 300)
-    committer.run_now(lambda ds: journal.append(line, ds))
+    record(journal, committer, path, NOW + 300)
     journal.close()
     held = spool.hold / path.name
     envelope = read_envelope(path)
@@ -179,8 +183,7 @@ def test_the_runner_applies_the_journal_before_its_first_scan(
     alice = mailbox_for(tmp_path, "alice")
     path = queue_message(spool, committer, Recipient("alice@example.com", alice))
     journal = Journal(spool.root)
-    line = _attempted(path, NOW + 500)
-    committer.run_now(lambda ds: journal.append(line, ds))
+    record(journal, committer, path, NOW + 500)
     journal.close()
 
     async def start_and_stop() -> None:
@@ -223,8 +226,7 @@ def test_offline_queue_tools_see_the_recorded_attempt(tmp_path: Path, committer:
     spool, _ = make(tmp_path, committer, Clock(NOW))
     path = queue_message(spool, committer, Recipient("a@example.com", mailbox_for(tmp_path, "a")))
     journal = Journal(spool.root)
-    line = _attempted(path, NOW + 300)
-    committer.run_now(lambda ds: journal.append(line, ds))
+    record(journal, committer, path, NOW + 300)
     journal.close()
     [entry] = admin.list_queue(spool.root.parent)
     [rcpt] = entry.to_dict()["recipients"]
